@@ -1,0 +1,200 @@
+"""Dual-source block attention of the DSpark draft (DSPARK_SPEC.md §2.3, §3.4).
+
+Queries come from the block rows only; keys and values come from ``[C; Y]`` (projected
+context, then the block rows) through the *same* projections. During training block j
+may see context keys ``0 … a_j−1`` and the B rows of its own block, nothing else.
+
+Two interchangeable core-attention implementations:
+
+* :func:`structured_block_attention` (default) never builds the ``[N·B, S+N·B]`` mask.
+  Each block's scores are ``[B, a_j]`` against a context *prefix* plus ``[B, B]`` against
+  its own block, softmaxed jointly. Blocks are processed in chunks whose context is cut
+  at the chunk's longest prefix, so with sorted anchors the work on the context is about
+  half of the dense mask's and the cross-block ``N·B × N·B`` part disappears.
+* :func:`dense_mask_attention` is the literal dense-mask formulation, kept as the
+  reference and as the benchmark baseline.
+
+Both return exactly the same values (rows with no visible key — dummy blocks — give 0).
+The module :class:`DualSourceAttention` holds the tensor-parallel projections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from megaspark.models.dspark.rope import apply_rope
+
+
+def _masked_fill_value(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).min
+
+
+def structured_block_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    context_lengths: torch.Tensor,
+    block_size: int,
+    seq_len: int,
+    chunk_blocks: int = 64,
+) -> torch.Tensor:
+    """q [b, nKV, g, N·B, hd]; k, v [b, nKV, S+N·B, hd]; context_lengths [b, N] (a_j for kept
+    blocks, 0 for dummies). Returns [b, nKV, g, N·B, hd]."""
+    b, nkv, g, rows, hd = q.shape
+    B = block_size
+    N = rows // B
+    S = seq_len
+    scale = hd**-0.5
+    k_ctx, k_blk = k[:, :, :S], k[:, :, S:].reshape(b, nkv, N, B, hd)
+    v_ctx, v_blk = v[:, :, :S], v[:, :, S:].reshape(b, nkv, N, B, hd)
+    qb = q.reshape(b, nkv, g, N, B, hd)
+    fill = _masked_fill_value(torch.float32)
+    outs = []
+    for start in range(0, N, chunk_blocks):
+        stop = min(N, start + chunk_blocks)
+        lens = context_lengths[:, start:stop]  # [b, n]
+        ctx_len = int(lens.max().item()) if lens.numel() else 0
+        q_c = qb[:, :, :, start:stop].float()  # [b, kv, g, n, B, hd]
+        # own-block scores [b, kv, g, n, B, B]
+        s_blk = torch.einsum("bkgnqd,bknpd->bkgnqp", q_c, k_blk[:, :, start:stop].float()) * scale
+        visible = lens > 0  # dummy blocks (and kept blocks anchored at 0 see only their block)
+        parts = [s_blk]
+        if ctx_len > 0:
+            kc = k_ctx[:, :, :ctx_len].float()
+            s_ctx = torch.einsum("bkgnqd,bkpd->bkgnqp", q_c, kc) * scale  # [b,kv,g,n,B,ctx]
+            pos = torch.arange(ctx_len, device=q.device)
+            ctx_ok = pos[None, None, :] < lens[:, :, None]  # [b, n, ctx]
+            s_ctx = s_ctx.masked_fill(~ctx_ok[:, None, None, :, None, :], fill)
+            parts.insert(0, s_ctx)
+        scores = torch.cat(parts, dim=-1)
+        probs = torch.softmax(scores, dim=-1)
+        p_blk = probs[..., -B:]
+        out = torch.einsum("bkgnqp,bknpd->bkgnqd", p_blk, v_blk[:, :, start:stop].float())
+        if ctx_len > 0:
+            p_ctx = probs[..., :-B]
+            out = out + torch.einsum("bkgnqp,bkpd->bkgnqd", p_ctx, v_ctx[:, :, :ctx_len].float())
+        outs.append(out)
+    out = torch.cat(outs, dim=3) if outs else q.new_zeros(b, nkv, g, 0, B, hd)
+    return out.reshape(b, nkv, g, rows, hd).to(q.dtype)
+
+
+def structured_attention_with_keep(q, k, v, context_lengths, keep, block_size, seq_len, chunk_blocks=64):
+    out = structured_block_attention(q, k, v, context_lengths, block_size, seq_len, chunk_blocks)
+    row_keep = keep.repeat_interleave(block_size, dim=1)  # [b, N·B]
+    return out * row_keep[:, None, None, :, None].to(out.dtype)
+
+
+def dense_mask_attention(q, k, v, allowed: torch.Tensor) -> torch.Tensor:
+    """q [b, nKV, g, Tq, hd]; k, v [b, nKV, Tk, hd]; allowed Bool [b, Tq, Tk] (True = visible).
+    Rows with no visible key return 0."""
+    hd = q.shape[-1]
+    scores = torch.einsum("bkgqd,bkpd->bkgqp", q.float(), k.float()) * hd**-0.5
+    scores = scores.masked_fill(~allowed[:, None, None], _masked_fill_value(torch.float32))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bkgqp,bkpd->bkgqd", probs, v.float())
+    any_visible = allowed.any(dim=-1)  # [b, Tq]
+    return (out * any_visible[:, None, None, :, None]).to(q.dtype)
+
+
+@dataclass
+class DualSourceAttentionSubmodules:
+    linear_q: type = tensor_parallel.ColumnParallelLinear
+    linear_kv: type = tensor_parallel.ColumnParallelLinear
+    linear_proj: type = tensor_parallel.RowParallelLinear
+    q_layernorm: Optional[ModuleSpec] = None
+    k_layernorm: Optional[ModuleSpec] = None
+
+
+@dataclass
+class AttentionInputs:
+    """Per-micro-batch tensors every draft layer needs (computed once per stage)."""
+
+    cos: torch.Tensor  # [b, S+N·B, hd]
+    sin: torch.Tensor
+    context_lengths: torch.Tensor  # [b, N]
+    keep: torch.Tensor  # [b, N] bool
+    seq_len: int
+    block_size: int
+    dense_mask: Optional[torch.Tensor] = None  # [b, N·B, S+N·B] (dense backend only)
+
+
+class DualSourceAttention(MegatronModule):
+    """Tensor-parallel dual-source attention: heads (and KV groups) split across TP ranks,
+    ``linear_proj`` row-parallel, exactly like Megatron's self-attention."""
+
+    def __init__(self, config, dspark_config, submodules: DualSourceAttentionSubmodules):
+        super().__init__(config=config)
+        from megatron.core import parallel_state
+
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.dspark_config = dspark_config
+        self.head_dim = config.kv_channels
+        self.heads_per_rank = config.num_attention_heads // tp
+        self.groups_per_rank = config.num_query_groups // tp
+        self.backend = dspark_config.attention_backend
+        self.chunk_blocks = dspark_config.attention_chunk_blocks
+        q_width = config.num_attention_heads * self.head_dim
+        kv_width = config.num_query_groups * self.head_dim
+        self.linear_q = build_module(
+            submodules.linear_q, config.hidden_size, q_width, config=config,
+            init_method=config.init_method, gather_output=False, bias=config.add_qkv_bias,
+            skip_bias_add=False, is_expert=False,
+        )
+        # [k; v] fused; stride 2 keeps each rank's shard = [its k heads; its v heads], so
+        # the global weight is the same at any TP size (as Megatron does for SwiGLU fc1).
+        self.linear_kv = build_module(
+            submodules.linear_kv, config.hidden_size, 2 * kv_width, config=config,
+            init_method=config.init_method, gather_output=False, bias=config.add_qkv_bias,
+            skip_bias_add=False, is_expert=False, stride=2,
+        )
+        self.q_layernorm = (
+            build_module(submodules.q_layernorm, hidden_size=self.head_dim, config=config,
+                         eps=config.layernorm_epsilon)
+            if submodules.q_layernorm is not None else None
+        )
+        self.k_layernorm = (
+            build_module(submodules.k_layernorm, hidden_size=self.head_dim, config=config,
+                         eps=config.layernorm_epsilon)
+            if submodules.k_layernorm is not None else None
+        )
+        self.linear_proj = build_module(
+            submodules.linear_proj, q_width, config.hidden_size, config=config,
+            init_method=config.output_layer_init_method, bias=False, input_is_parallel=True,
+            skip_bias_add=False, is_expert=False,
+        )
+
+    def forward(self, context: torch.Tensor, block: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        """context [S, b, H] (projected C), block [N·B, b, H] (normed) → [N·B, b, H]."""
+        S, b, _ = context.shape
+        rows = block.shape[0]
+        hd, nq, nkv = self.head_dim, self.heads_per_rank, self.groups_per_rank
+        q, _ = self.linear_q(block)
+        kv, _ = self.linear_kv(torch.cat([context, block], dim=0))
+        q = q.view(rows, b, nq, hd)
+        kv = kv.view(S + rows, b, 2, nkv, hd)
+        k, v = kv[:, :, 0], kv[:, :, 1]
+        if self.q_layernorm is not None:
+            q = self.q_layernorm(q)
+        if self.k_layernorm is not None:
+            k = self.k_layernorm(k)
+        q = q.permute(1, 2, 0, 3)  # [b, nq, rows, hd]
+        k = k.permute(1, 2, 0, 3)  # [b, nkv, S+rows, hd]
+        v = v.permute(1, 2, 0, 3)
+        k = apply_rope(k, inputs.cos, inputs.sin)
+        q = apply_rope(q, inputs.cos[:, S:], inputs.sin[:, S:])
+        q = q.reshape(b, nkv, nq // nkv, rows, hd)
+        if self.backend == "dense":
+            out = dense_mask_attention(q, k, v, inputs.dense_mask)
+        else:
+            out = structured_attention_with_keep(
+                q, k, v, inputs.context_lengths, inputs.keep, inputs.block_size, S, self.chunk_blocks
+            )
+        out = out.reshape(b, nq, rows, hd).permute(2, 0, 1, 3).reshape(rows, b, nq * hd)
+        out, _ = self.linear_proj(out)
+        return out

@@ -1,0 +1,99 @@
+"""One DSpark draft layer and the RMSNorm it uses (DSPARK_SPEC.md §2.3 step 2).
+
+The layer takes the stage's hidden tensor ``[S + N·B, b, H]`` — the projected context C
+in the first S rows, the block rows X after them — and returns the same layout with only
+X updated. Carrying C inside the hidden tensor is what lets the layers be split across
+pipeline stages: C simply travels with the activations (DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from megaspark.models.dspark.attention import (
+    AttentionInputs,
+    DualSourceAttention,
+    DualSourceAttentionSubmodules,
+)
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm computed in fp32 (HF Llama/Qwen semantics), weight initialised to 1.
+
+    Marks its weight ``sequence_parallel`` so megatron all-reduces its gradient across
+    TP ranks when sequence parallelism shards the rows it sees.
+    """
+
+    def __init__(self, config=None, hidden_size: int = 0, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+        if config is not None:
+            setattr(self.weight, "sequence_parallel", bool(getattr(config, "sequence_parallel", False)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+class HeadRMSNorm(RMSNorm):
+    """Per-head RMSNorm for q/k (Qwen3). Its weight is replicated over TP but each rank
+    applies it to its own heads only, so its gradient is a partial sum per rank; the
+    weight enters through ``copy_to_tensor_model_parallel_region`` (backward all-reduce)
+    so every rank holds the full gradient without a post-hoc reduction."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            weight = tensor_parallel.copy_to_tensor_model_parallel_region(weight)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * weight.float()).to(x.dtype)
+
+
+@dataclass
+class DSparkLayerSubmodules:
+    input_layernorm: type = RMSNorm
+    self_attention: DualSourceAttentionSubmodules = field(default_factory=DualSourceAttentionSubmodules)
+    pre_mlp_layernorm: type = RMSNorm
+    mlp: ModuleSpec = field(
+        default_factory=lambda: ModuleSpec(
+            module=MLP,
+            submodules=MLPSubmodules(
+                linear_fc1=tensor_parallel.ColumnParallelLinear,
+                linear_fc2=tensor_parallel.RowParallelLinear,
+            ),
+        )
+    )
+
+
+class DSparkLayer(MegatronModule):
+    def __init__(self, config, dspark_config, submodules: DSparkLayerSubmodules, layer_number: int):
+        super().__init__(config=config)
+        self.layer_number = layer_number  # global, 0-based
+        eps = config.layernorm_epsilon
+        self.input_layernorm = build_module(
+            submodules.input_layernorm, config=config, hidden_size=config.hidden_size, eps=eps
+        )
+        self.self_attention = DualSourceAttention(config, dspark_config, submodules.self_attention)
+        self.pre_mlp_layernorm = build_module(
+            submodules.pre_mlp_layernorm, config=config, hidden_size=config.hidden_size, eps=eps
+        )
+        self.mlp = build_module(submodules.mlp, config=config, ffn_hidden_size=config.ffn_hidden_size)
+
+    def forward(self, hidden: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        S = inputs.seq_len
+        context, x = hidden[:S], hidden[S:]
+        x = x + self.self_attention(context, self.input_layernorm(x), inputs)
+        mlp_out, mlp_bias = self.mlp(self.pre_mlp_layernorm(x))
+        if mlp_bias is not None:
+            mlp_out = mlp_out + mlp_bias
+        x = x + mlp_out
+        return torch.cat([context, x], dim=0)

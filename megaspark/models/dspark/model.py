@@ -1,0 +1,280 @@
+"""The DSpark draft model on megatron-core (DSPARK_SPEC.md §2; DESIGN.md §2).
+
+Stage layout (``pre_process`` = first pipeline stage, ``post_process`` = last):
+
+* first stage: frozen vocab-parallel embedding of the block input ids, the context
+  projector ``C = RMSNorm(F · W_fcᵀ)`` (row-parallel fc), and the stage's hidden tensor
+  ``[C; X⁰]`` of shape ``[S + N·B, b, H]``;
+* every stage: its slice of the draft layers (global layer numbers, so checkpoints and
+  exports do not depend on the pipeline split);
+* last stage: final norm, frozen column-parallel LM head, Markov and confidence heads and
+  the vocab-parallel losses (:mod:`megaspark.losses`).
+
+Initialisation is layout-independent: every submodule is initialised from a CPU RNG seeded
+by (seed, its global name), and megatron splits full master weights (with stride 2 for the
+fused ``[k; v]`` and ``[gate; up]`` projections), so any (TP, PP) layout starts from the
+same global weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.transformer.module import MegatronModule
+
+from megaspark.blocks import Blocks, dense_attention_mask
+from megaspark.config import DSparkConfig
+from megaspark.losses import LossSums, dspark_loss_sums
+from megaspark.models.dspark.attention import AttentionInputs
+from megaspark.models.dspark.heads import ConfidenceHead, MarkovHead
+from megaspark.models.dspark.layer import DSparkLayer, RMSNorm
+from megaspark.models.dspark.layer_specs import get_local_layer_spec
+from megaspark.models.dspark.rope import rope_cos_sin
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int, name: str):
+    """Run module construction with the CPU RNG seeded from (seed, name); restore after."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    state = torch.get_rng_state()
+    torch.default_generator.manual_seed(int.from_bytes(digest[:7], "little"))
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
+
+
+@dataclass
+class DraftInputs:
+    """One micro-batch as the draft consumes it (batch-first). Fields a stage does not
+    need may be None: context_features/noise_ids on non-first stages, the label fields
+    on non-last stages."""
+
+    position_ids: torch.Tensor  # [b, S+N·B]
+    context_lengths: torch.Tensor  # [b, N]
+    keep: torch.Tensor  # [b, N]
+    anchors: torch.Tensor  # [b, N]
+    seq_len: int
+    block_size: int
+    context_features: Optional[torch.Tensor] = None  # [b, S, L·H]
+    noise_ids: Optional[torch.Tensor] = None  # [b, N·B]
+    labels: Optional[torch.Tensor] = None  # [b, N, B]
+    prev_ids: Optional[torch.Tensor] = None
+    weights: Optional[torch.Tensor] = None
+    eval_mask: Optional[torch.Tensor] = None
+    target_hidden: Optional[torch.Tensor] = None  # [b, N, B, H] aligned post-norm target state
+
+    @classmethod
+    def from_blocks(cls, blocks: Blocks, context_features=None, target_last_hidden=None):
+        """Assemble inputs from block construction and the target's hidden states.
+        ``target_last_hidden`` [b, S, H] is gathered at the aligned indices (§3.6)."""
+        target_hidden = None
+        if target_last_hidden is not None:
+            b, N, B = blocks.aligned_index.shape
+            idx = blocks.aligned_index.reshape(b, N * B, 1).expand(-1, -1, target_last_hidden.shape[-1])
+            target_hidden = target_last_hidden.gather(1, idx).reshape(b, N, B, -1)
+        from megaspark.blocks import context_lengths
+
+        return cls(
+            position_ids=blocks.position_ids,
+            context_lengths=context_lengths(blocks.anchors, blocks.keep),
+            keep=blocks.keep,
+            anchors=blocks.anchors,
+            seq_len=blocks.seq_len,
+            block_size=blocks.block_size,
+            context_features=context_features,
+            noise_ids=blocks.noise_ids,
+            labels=blocks.labels,
+            prev_ids=blocks.prev_ids,
+            weights=blocks.weights,
+            eval_mask=blocks.eval_mask,
+            target_hidden=target_hidden,
+        )
+
+
+class DSparkModel(MegatronModule):
+    def __init__(
+        self,
+        config,
+        dspark_config: DSparkConfig,
+        pre_process: bool = True,
+        post_process: bool = True,
+        layer_spec=None,
+        seed: int = 1234,
+        vp_stage: Optional[int] = None,
+    ):
+        super().__init__(config=config)
+        d = dspark_config
+        self.dspark_config = d
+        self.model_type = ModelType.encoder_or_decoder
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.share_embeddings_and_output_weights = False
+        self.input_tensor = None
+        self.layer_spec = layer_spec or get_local_layer_spec(d.qk_norm)
+        H, V = config.hidden_size, d.vocab_size
+
+        if pre_process:
+            with seeded_init(seed, "embedding"):
+                self.embedding = tensor_parallel.VocabParallelEmbedding(
+                    V, H, init_method=config.init_method, config=config
+                )
+            with seeded_init(seed, "fc"):
+                # Row-parallel: the replicated L·H input is split over TP, outputs summed.
+                self.fc = tensor_parallel.RowParallelLinear(
+                    d.context_width, H, config=config, init_method=config.init_method,
+                    bias=False, input_is_parallel=False, skip_bias_add=False,
+                )
+            self.hidden_norm = RMSNorm(config, H, d.rms_norm_eps)
+
+        first, count = self._layer_range(vp_stage)
+        self.layer_offset = first
+        layers = []
+        for i in range(first, first + count):
+            with seeded_init(seed, f"layers.{i}"):
+                layers.append(DSparkLayer(config, d, self.layer_spec, layer_number=i))
+        self.layers = torch.nn.ModuleList(layers)
+
+        if post_process:
+            self.final_layernorm = RMSNorm(config, H, d.rms_norm_eps)
+            with seeded_init(seed, "output_layer"):
+                self.output_layer = tensor_parallel.ColumnParallelLinear(
+                    H, V, config=config, init_method=config.init_method, bias=False,
+                    gather_output=False, skip_bias_add=False,
+                )
+            if d.has_markov:
+                with seeded_init(seed, "markov_head"):
+                    self.markov_head = MarkovHead(config, d)
+            if d.confidence_head:
+                with seeded_init(seed, "confidence_head"):
+                    self.confidence_head = ConfidenceHead(config, d)
+        # The target's embedding and LM head are frozen copies (DESIGN.md decision 5).
+        for name in ("embedding", "output_layer"):
+            module = getattr(self, name, None)
+            if module is not None:
+                module.weight.requires_grad_(False)
+
+    # ------------------------------------------------------------------ layout
+    def _layer_range(self, vp_stage: Optional[int]):
+        n = self.dspark_config.num_layers
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        rank = parallel_state.get_pipeline_model_parallel_rank()
+        vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
+        chunks = pp * vpp
+        if n % chunks != 0:
+            raise ValueError(
+                f"--num-layers {n} is not divisible by the {chunks} pipeline model chunks "
+                f"(--pipeline-model-parallel-size {pp} x virtual stages {vpp})"
+            )
+        per_chunk = n // chunks
+        chunk = (vp_stage or 0) * pp + rank
+        return chunk * per_chunk, per_chunk
+
+    def set_input_tensor(self, input_tensor):
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    @property
+    def vocab_start(self) -> int:
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        return tp_rank * (self.dspark_config.vocab_size // tp)
+
+    # ------------------------------------------------------------------ target weights
+    @torch.no_grad()
+    def load_target_embeddings(self, embedding: torch.Tensor, lm_head: torch.Tensor) -> None:
+        """Copy this rank's vocab shard of the target's embedding / LM head ([V, H] each)."""
+        d = self.dspark_config
+        for name, full in (("embedding", embedding), ("output_layer", lm_head)):
+            module = getattr(self, name, None)
+            if module is None:
+                continue
+            if tuple(full.shape) != (d.vocab_size, self.config.hidden_size):
+                raise ValueError(
+                    f"target {name} has shape {tuple(full.shape)}, expected "
+                    f"({d.vocab_size}, {self.config.hidden_size})"
+                )
+            rows = module.weight.shape[0]
+            module.weight.copy_(full[self.vocab_start: self.vocab_start + rows].to(module.weight.dtype))
+
+    # ------------------------------------------------------------------ forward
+    def attention_inputs(self, inputs: DraftInputs) -> AttentionInputs:
+        d = self.dspark_config
+        cos, sin = rope_cos_sin(inputs.position_ids, d.head_dim, d.rope_theta, d.rope_scaling_factor)
+        dense = None
+        if d.attention_backend == "dense":
+            dense = dense_attention_mask(inputs.anchors, inputs.keep, inputs.seq_len, inputs.block_size)
+        return AttentionInputs(
+            cos=cos, sin=sin, context_lengths=inputs.context_lengths, keep=inputs.keep.bool(),
+            seq_len=inputs.seq_len, block_size=inputs.block_size, dense_mask=dense,
+        )
+
+    def embed(self, inputs: DraftInputs) -> torch.Tensor:
+        """First stage: [C; X⁰] as [S + N·B, b, H]."""
+        features = inputs.context_features.transpose(0, 1).to(self.fc.weight.dtype)  # [S, b, L·H]
+        context, _ = self.fc(features)
+        context = self.hidden_norm(context)
+        x0 = self.embedding(inputs.noise_ids).transpose(0, 1).to(context.dtype)  # [N·B, b, H]
+        return torch.cat([context, x0], dim=0)
+
+    def forward(self, inputs: DraftInputs):
+        """Non-last stage: the hidden tensor for the next stage. Last stage: the draft hidden
+        states h [b, N, B, H] if no labels were given, else the :class:`LossSums`."""
+        hidden = self.embed(inputs) if self.pre_process else self.input_tensor
+        attn_inputs = self.attention_inputs(inputs)
+        for layer in self.layers:
+            hidden = layer(hidden, attn_inputs)
+        if not self.post_process:
+            return hidden
+        h = self.final_hidden(hidden, inputs)
+        if inputs.labels is None:
+            return h
+        return self.loss_sums(h, inputs)
+
+    def final_hidden(self, hidden: torch.Tensor, inputs: DraftInputs) -> torch.Tensor:
+        x = self.final_layernorm(hidden[inputs.seq_len:])  # [N·B, b, H]
+        b = x.shape[1]
+        return x.transpose(0, 1).reshape(b, -1, inputs.block_size, x.shape[-1])
+
+    def heads(self, h: torch.Tensor, prev_ids: torch.Tensor):
+        """(Markov features f, W1[prev] e, confidence logits) for block-shaped h."""
+        d = self.dspark_config
+        feat = e = conf = None
+        if d.has_markov:
+            feat, e = self.markov_head.features(h, prev_ids)
+        if d.confidence_head:
+            conf = self.confidence_head(h, e)
+        return feat, e, conf
+
+    def loss_sums(self, h: torch.Tensor, inputs: DraftInputs) -> LossSums:
+        d = self.dspark_config
+        feat, _, conf = self.heads(h, inputs.prev_ids)
+        needs_target = d.alpha_l1 > 0 or d.confidence_head
+        if needs_target and inputs.target_hidden is None:
+            raise ValueError(
+                "the L1 and confidence losses need the target's last hidden state "
+                "(DraftInputs.target_hidden)"
+            )
+        return dspark_loss_sums(
+            h,
+            inputs.labels,
+            inputs.weights,
+            inputs.eval_mask,
+            inputs.keep,
+            self.output_layer.weight,
+            feat=feat,
+            w2=self.markov_head.w2_local() if d.has_markov else None,
+            target_hidden=inputs.target_hidden,
+            confidence_logits=conf,
+            vocab_start=self.vocab_start,
+            group=parallel_state.get_tensor_model_parallel_group(),
+            chunk_rows=d.loss_chunk_rows,
+            first_slot=0 if d.convention == "S" else 1,
+        )
