@@ -169,6 +169,18 @@ class DualSourceAttention(MegatronModule):
             skip_bias_add=False, is_expert=False,
         )
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """Checkpoint the fused ``[k; v]`` projection as two separately sharded halves (as
+        megatron does for SwiGLU's fc1), so checkpoints reshard across TP sizes."""
+        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        singleton = (metadata or {}).get("singleton_local_shards", False)
+        for key in (f"{prefix}linear_kv.weight", f"{prefix}linear_kv.bias"):
+            if key in sharded:
+                sharded[key] = apply_swiglu_sharded_factory(sharded[key], sharded_offsets, singleton)
+        return sharded
+
     def forward(self, context: torch.Tensor, block: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         """context [S, b, H] (projected C), block [N·B, b, H] (normed) → [N·B, b, H]."""
         S, b, _ = context.shape

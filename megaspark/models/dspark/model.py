@@ -176,6 +176,27 @@ class DSparkModel(MegatronModule):
         chunk = (vp_stage or 0) * pp + rank
         return chunk * per_chunk, per_chunk
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """Layers are keyed by their *global* number, so a checkpoint written with one
+        pipeline split loads with another (DESIGN.md decision 6)."""
+        from megatron.core.transformer.utils import (
+            ensure_metadata_has_dp_cp_group,
+            sharded_state_dict_default,
+        )
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        sharded = {}
+        for name, module in self.named_children():
+            if name == "layers":
+                for layer in module:
+                    sharded.update(layer.sharded_state_dict(
+                        f"{prefix}layers.{layer.layer_number}.", sharded_offsets, metadata))
+            else:
+                sharded.update(sharded_state_dict_default(
+                    module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=tp_group))
+        return sharded
+
     def set_input_tensor(self, input_tensor):
         if isinstance(input_tensor, (list, tuple)):
             input_tensor = input_tensor[0]

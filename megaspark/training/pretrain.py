@@ -1,0 +1,124 @@
+"""``pretrain``: start-up order of a run (the library half of ``pretrain_dspark.py``).
+
+Flags are validated before anything heavy; then process groups, the target (its config
+decides the draft's shape), the draft, optimizer and data; then resume and the loop.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from megaspark.arguments import parse_args
+
+
+def _log0(msg: str) -> None:
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def load_target(args):
+    """Resolve (and on first use convert) the target on rank 0 first, then everywhere."""
+    from megaspark.targets.builtin import resolve_target
+    from megaspark.targets.hf import HFTargetProvider
+
+    if torch.distributed.get_rank() == 0:
+        resolve_target(args.target_model)
+    torch.distributed.barrier()
+    return HFTargetProvider(args.target_model, layer_ids=args.target_layer_ids_resolved)
+
+
+def pretrain(model_provider, forward_step, argv=None):
+    from megaspark.config import DSparkConfig
+    from megaspark.data.dataset import PreparedDataset, load_meta
+    from megaspark.parallel import initialize_distributed
+    from megaspark.targets.hf import load_config_offline
+    from megaspark.targets.builtin import default_mask_token_id, resolve_target
+    from megaspark.training.checkpointing import Checkpointer, read_state
+    from megaspark.training.trainer import Trainer, wrap_ddp
+
+    args = parse_args(argv)
+
+    # --- cheap checks that need only the target's config.json, before any weights ---
+    target_path = resolve_target(args.target_model) if not args.target_model.startswith("builtin:") else None
+    if target_path is not None:
+        hf_config = load_config_offline(target_path).get_text_config()
+    else:
+        hf_config = None
+
+    initialize_distributed(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        backend=args.distributed_backend,
+        seed=args.seed,
+    )
+    torch.manual_seed(args.seed)
+    if hf_config is None:
+        if torch.distributed.get_rank() == 0:
+            resolve_target(args.target_model)
+        torch.distributed.barrier()
+        hf_config = load_config_offline(resolve_target(args.target_model)).get_text_config()
+
+    from megatron.core import parallel_state
+
+    overrides = dict(
+        num_layers=args.num_layers, num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups, kv_channels=args.kv_channels,
+        ffn_hidden_size=args.ffn_hidden_size, target_layer_ids=args.target_layer_ids,
+        num_target_taps=args.num_target_taps,
+    )
+    algorithm = dict(
+        block_size=args.block_size, num_anchors=args.num_anchors, markov_rank=args.markov_rank,
+        markov_head_type=args.markov_head_type, confidence_head=args.confidence_head,
+        confidence_with_markov=args.confidence_with_markov and args.confidence_head,
+        gamma=args.loss_decay_gamma if args.loss_decay_gamma > 0 else None,
+        convention=args.slot_convention, truncate_eval_mask=args.truncate_eval_mask,
+        alpha_ce=args.ce_loss_alpha, alpha_l1=args.l1_loss_alpha,
+        alpha_conf=args.confidence_loss_alpha if args.confidence_head else 0.0,
+        attention_backend=args.draft_attention_backend, loss_chunk_rows=args.loss_chunk_rows,
+    )
+    dcfg = DSparkConfig.from_hf_config(hf_config, **overrides, **algorithm)
+    args.target_layer_ids_resolved = list(dcfg.target_layer_ids)
+
+    target = load_target(args)
+    if args.mask_token_id is None:
+        dcfg.mask_token_id = default_mask_token_id(target.tokenizer, hf_config)
+    else:
+        dcfg.mask_token_id = args.mask_token_id
+    dcfg.validate(args.tensor_model_parallel_size)
+
+    meta = load_meta(args.data_path)
+    train_data = PreparedDataset(args.data_path, "train", vocab_size=dcfg.vocab_size)
+    valid_data = None
+    if os.path.isfile(os.path.join(args.data_path, "valid.jsonl")):
+        valid_data = PreparedDataset(args.data_path, "valid", vocab_size=dcfg.vocab_size)
+    checkpointer = Checkpointer(args, dcfg, target.fingerprint())
+    if args.load:
+        checkpointer.check_compatible(read_state(args.load))
+
+    model, tcfg = model_provider(args, dcfg,
+                                 pre_process=parallel_state.is_pipeline_first_stage(),
+                                 post_process=parallel_state.is_pipeline_last_stage())
+    model.load_target_embeddings(target.embedding_weight(), target.lm_head_weight())
+    ddp_model = wrap_ddp(model, tcfg, args)
+    trainer = Trainer(args, model, ddp_model, tcfg, dcfg, target, train_data, valid_data,
+                      forward_step, pad_id=train_data.pad_id)
+    if args.load:
+        checkpointer.load(trainer, args.load)
+
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    _log0(
+        f"megaspark: target {args.target_model} ({hf_config.model_type}, {dcfg.num_target_layers} "
+        f"layers, taps {dcfg.target_layer_ids}) | draft {dcfg.num_layers} layers, heads "
+        f"{dcfg.num_attention_heads}/{dcfg.num_query_groups}x{dcfg.kv_channels}, block "
+        f"{dcfg.block_size}, anchors {dcfg.num_anchors}, markov {dcfg.markov_rank} "
+        f"{dcfg.markov_head_type}, mask token {dcfg.mask_token_id} | TP {args.tensor_model_parallel_size} "
+        f"PP {args.pipeline_model_parallel_size} DP {args.data_parallel_size}, "
+        f"{args.num_microbatches} micro-batches/step | trainable params on this rank {n_train:,} | "
+        f"data {len(train_data)} train / {len(valid_data) if valid_data else 0} valid "
+        f"({meta.get('target', '?')})"
+    )
+    state = trainer.train(checkpointer if args.save else None)
+    _log0(f"done: {state.iteration} iterations, best eval tau {state.best_eval_tau}")
+    return trainer

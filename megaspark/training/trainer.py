@@ -1,0 +1,266 @@
+"""The training loop: megatron-core DDP, optimizer, LR schedule and pipeline schedules.
+
+``pretrain(args, model_provider, forward_step)`` is the library half of
+``pretrain_dspark.py`` (the script supplies the four small functions, as Megatron-LM's
+``pretrain_gpt.py`` does). One iteration:
+
+1. every DP rank draws its micro-batches of the global batch from a seekable sampler;
+2. anchors and blocks are built for all of them, the target's hidden states computed on
+   TP rank 0 and broadcast to its TP peers, and the global denominator Σω all-reduced
+   over DP (DESIGN.md decision 3);
+3. megatron's forward-backward schedule runs the micro-batches; each loss is
+   ``num_i / D_global · M · DP`` so that megatron's division by the micro-batch count and
+   DDP's mean over DP leave exactly the token-pooled mean of the global batch;
+4. the optimizer steps (grad clipping inside), the LR schedule advances, metrics are
+   reduced Σnum/Σden over micro-batches and DP ranks and logged.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from megaspark.losses import reduce_metrics
+from megaspark.training.batches import collate_micro_batch, prepare_micro_batches
+from megaspark.training.logging import MetricsLogger
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    best_eval_tau: Optional[float] = None
+    history: list = field(default_factory=list)  # per-iteration training loss (for tests/resume)
+
+
+def build_optimizer(args, ddp_model):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad,
+        bf16=args.bf16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        use_distributed_optimizer=getattr(args, "use_distributed_optimizer", False),
+    )
+    optimizer = get_megatron_optimizer(opt_config, [ddp_model])
+    total = args.train_iters * args.global_batch_size  # the scheduler counts samples
+    warmup = int(args.lr_warmup_fraction * total)
+    wsd_steps = int(args.lr_wsd_decay_fraction * total) if args.lr_decay_style == "WSD" else None
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=total,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=total,
+        wd_incr_style="constant",
+        wsd_decay_steps=wsd_steps,
+        lr_wsd_decay_style="cosine" if wsd_steps else None,
+    )
+    return optimizer, scheduler
+
+
+def wrap_ddp(model, tcfg, args):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=getattr(args, "use_distributed_optimizer", False),
+    )
+    return DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=model)
+
+
+class Trainer:
+    """Owns the model, optimizer, data position and logging of one run."""
+
+    def __init__(self, args, model, ddp_model, tcfg, dcfg, target, train_data, valid_data,
+                 forward_step: Callable, pad_id: int):
+        from megatron.core import parallel_state
+        from megatron.core.distributed import finalize_model_grads
+
+        self.args = args
+        self.model = model
+        self.ddp_model = ddp_model
+        self.tcfg = tcfg
+        self.dcfg = dcfg
+        self.target = target
+        self.train_data = train_data
+        self.valid_data = valid_data
+        self.forward_step = forward_step
+        self.pad_id = pad_id
+        self.state = TrainState()
+        self.optimizer, self.scheduler = build_optimizer(args, ddp_model)
+        tcfg.no_sync_func = ddp_model.no_sync
+        tcfg.finalize_model_grads_func = finalize_model_grads
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.dp_group = parallel_state.get_data_parallel_group()
+        self.is_last_stage = parallel_state.is_pipeline_last_stage()
+        self.rank = torch.distributed.get_rank()
+        self.logger = MetricsLogger(args, enabled=self._is_logging_rank())
+
+    def _is_logging_rank(self) -> bool:
+        from megatron.core import parallel_state
+
+        return (
+            parallel_state.is_pipeline_last_stage()
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_data_parallel_rank() == 0
+        )
+
+    # ------------------------------------------------------------------ data
+    def _micro_batches(self, dataset, consumed: int, count: int, shuffle: bool = True):
+        """This rank's ``count`` micro-batches starting at global stream position ``consumed``."""
+        from megaspark.data.dataset import BatchSampler
+
+        mbs = self.args.micro_batch_size
+        sampler = BatchSampler(len(dataset), mbs, self.dp_rank, self.dp_size, seed=self.args.seed,
+                               consumed_samples=consumed, shuffle=shuffle)
+        it = iter(sampler)
+        out = []
+        for i in range(count):
+            indices = next(it)
+            start = consumed + i * mbs * self.dp_size + self.dp_rank * mbs
+            samples = [dataset[j] for j in indices]
+            out.append(collate_micro_batch(samples, self.args.seq_length, self.pad_id,
+                                           range(start, start + mbs)))
+        return out
+
+    # ------------------------------------------------------------------ one step
+    def _run_schedule(self, inputs, denominator, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        scale = float(len(inputs) * self.dp_size)
+        for x in inputs:
+            x.loss_scale = scale
+            x.global_denominator = denominator
+        forward_backward = get_forward_backward_func()
+        return forward_backward(
+            forward_step_func=self.forward_step,
+            data_iterator=iter(inputs),
+            model=[self.ddp_model],
+            num_microbatches=len(inputs),
+            seq_length=self.args.seq_length + self.dcfg.num_anchors * self.dcfg.block_size,
+            micro_batch_size=self.args.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def train_step(self):
+        args = self.args
+        micro = self._micro_batches(self.train_data, self.state.consumed_samples, args.num_microbatches)
+        inputs, denominator = prepare_micro_batches(
+            micro, self.dcfg, args.seed, target=self.target, dp_group=self.dp_group
+        )
+        self.ddp_model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = self._run_schedule(inputs, denominator, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=args.global_batch_size)
+        self.state.iteration += 1
+        self.state.consumed_samples += args.global_batch_size
+        metrics = self._reduce_reports(reports)
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["skipped"] = not ok
+        return metrics
+
+    def _reduce_reports(self, reports) -> dict:
+        """Σnum/Σden over micro-batches and DP ranks, made known to every rank."""
+        from megatron.core import parallel_state
+
+        sums = [r["metrics"] for r in reports] if self.is_last_stage else []
+        metrics = reduce_metrics(sums, group=self.dp_group) if self.is_last_stage else {}
+        if self.is_last_stage:
+            d = self.dcfg
+            metrics["loss"] = (
+                d.alpha_ce * metrics.get("ce_loss", 0.0)
+                + d.alpha_l1 * metrics.get("l1_loss", 0.0)
+                + (d.alpha_conf * metrics.get("confidence_loss", 0.0) if d.confidence_head else 0.0)
+            )
+        # share with earlier pipeline stages so every rank logs/decides consistently
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            obj = [metrics]
+            src = parallel_state.get_pipeline_model_parallel_last_rank()
+            torch.distributed.broadcast_object_list(
+                obj, src=src, group=parallel_state.get_pipeline_model_parallel_group()
+            )
+            metrics = obj[0]
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        args = self.args
+        if self.valid_data is None or len(self.valid_data) == 0:
+            return {}
+        self.ddp_model.eval()
+        reports = []
+        per_iter = args.micro_batch_size * self.dp_size
+        max_iters = max(1, min(args.eval_iters, len(self.valid_data) // per_iter))
+        for i in range(max_iters):
+            micro = self._micro_batches(self.valid_data, i * per_iter, 1, shuffle=False)
+            inputs, den = prepare_micro_batches(micro, self.dcfg, args.seed, self.target, self.dp_group)
+            reports.extend(self._run_schedule(inputs, den, forward_only=True) or [])
+        self.ddp_model.train()
+        return self._reduce_reports(reports)
+
+    # ------------------------------------------------------------------ loop
+    def train(self, checkpointer=None):
+        args = self.args
+        start_iter = self.state.iteration
+        t0 = time.time()
+        window_tokens, window_t = 0, time.time()
+        self.logger.start(total=args.train_iters, initial=start_iter)
+        while self.state.iteration < args.train_iters:
+            metrics = self.train_step()
+            it = self.state.iteration
+            self.state.history.append(metrics.get("loss", float("nan")))
+            window_tokens += args.global_batch_size * args.seq_length
+            self.logger.progress(metrics)
+            if it % args.log_interval == 0 or it == args.train_iters:
+                elapsed = time.time() - window_t
+                metrics["tokens_per_sec"] = window_tokens / max(elapsed, 1e-9)
+                done = it - start_iter
+                metrics["eta_sec"] = (time.time() - t0) / max(done, 1) * (args.train_iters - it)
+                self.logger.log_train(it, metrics)
+                window_tokens, window_t = 0, time.time()
+            eval_metrics = None
+            if args.eval_interval and (it % args.eval_interval == 0 or it == args.train_iters):
+                eval_metrics = self.evaluate()
+                self.logger.log_eval(it, eval_metrics)
+                tau = eval_metrics.get("tau")
+                if tau is not None and not math.isnan(tau):
+                    if self.state.best_eval_tau is None or tau > self.state.best_eval_tau:
+                        self.state.best_eval_tau = tau
+                        if checkpointer is not None:
+                            checkpointer.mark_best_pending(it)
+            if checkpointer is not None and args.save_interval and it % args.save_interval == 0:
+                checkpointer.save(self)
+            if args.exit_interval and it % args.exit_interval == 0 and it < args.train_iters:
+                if checkpointer is not None and not (args.save_interval and it % args.save_interval == 0):
+                    checkpointer.save(self)
+                self.logger.close()
+                return self.state
+        if checkpointer is not None and args.save and not (
+            args.save_interval and self.state.iteration % args.save_interval == 0
+        ):
+            checkpointer.save(self)
+        self.logger.close()
+        return self.state
