@@ -115,7 +115,9 @@ def install_cpu_compat() -> bool:
         return True
 
     cuda = torch.cuda
-    cuda.current_device = lambda: 0
+    # A CPU device, not an index: torch function modes are inactive inside autograd
+    # backward functions, where megatron allocates with device=current_device().
+    cuda.current_device = lambda: _CPU
     cuda.synchronize = lambda *a, **k: None
     cuda.current_stream = lambda *a, **k: _NULL_STREAM
     cuda.default_stream = lambda *a, **k: _NULL_STREAM
