@@ -115,6 +115,8 @@ class Checkpointer:
                 os.path.join(tmp, STATE_FILE),
             )
         _barrier()
+        if os.environ.get("MEGASPARK_FAULT_KILL_DURING_SAVE") == str(it):
+            os._exit(17)  # fault injection for tests: die with the shards written, unrenamed
         if rank == 0:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)

@@ -80,6 +80,9 @@ def pretrain(model_provider, forward_step, argv=None):
     )
     dcfg = DSparkConfig.from_hf_config(hf_config, **overrides, **algorithm)
     args.target_layer_ids_resolved = list(dcfg.target_layer_ids)
+    if args.mask_token_id is not None:
+        dcfg.mask_token_id = args.mask_token_id
+    dcfg.validate(args.tensor_model_parallel_size)  # before any weights are loaded
 
     target = load_target(args)
     if args.mask_token_id is None:

@@ -1,0 +1,174 @@
+"""End-to-end `pretrain_dspark.py` runs under torchrun against a tiny random HF target:
+TP=1 and TP=2, learning, exact resume, crash during a checkpoint write, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _chat_file(path: Path, n: int = 48) -> Path:
+    import random
+
+    rng = random.Random(0)
+    words = "the cat sat on a mat and then it ran to see the dog who was very happy today".split()
+    with open(path, "w") as f:
+        for _ in range(n):
+            q = " ".join(rng.choices(words, k=6))
+            a = " ".join(rng.choices(words, k=30))
+            f.write(json.dumps({"messages": [{"role": "user", "content": q},
+                                             {"role": "assistant", "content": a}]}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, tiny_llama_dir):
+    root = tmp_path_factory.mktemp("pretrain_data")
+    out = root / "data"
+    subprocess.run(
+        [sys.executable, str(REPO / "tools/prepare_data.py"), "--input", str(_chat_file(root / "c.jsonl")),
+         "--target-model", tiny_llama_dir, "--output", str(out), "--max-length", "64",
+         "--valid-fraction", "0.15", "--min-supervised-tokens", "4", "--quiet"],
+        check=True, capture_output=True, text=True,
+    )
+    return str(out)
+
+
+def run(nproc: int, *flags: str, env=None, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-port", str(_free_port()), str(REPO / "pretrain_dspark.py"), *flags]
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    # Output goes to files, not pipes: a rank killed mid-save can orphan megatron's
+    # checkpoint helper process, which would hold a pipe open forever.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.run(cmd, stdout=out, stderr=err, text=True, timeout=timeout,
+                              env=full_env, cwd=REPO)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+
+
+def _free_port() -> int:
+    from tests.launcher import free_port
+
+    return free_port()
+
+
+def base_flags(target, data, *extra):
+    return [
+        "--target-model", target, "--data-path", data, "--num-layers", "2", "--block-size", "4",
+        "--num-anchors", "6", "--markov-rank", "8", "--seq-length", "64", "--micro-batch-size", "2",
+        "--num-target-taps", "2", "--lr", "2e-3", "--lr-warmup-fraction", "0", "--log-interval", "1",
+        "--no-progress-bar", *extra,
+    ]
+
+
+def losses(jsonl: Path, kind: str = "train") -> dict:
+    out = {}
+    for line in jsonl.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == kind:
+            out[rec["iteration"]] = rec["loss"]
+    return out
+
+
+def _ok(r):
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_trains_and_checkpoints(tmp_path, tiny_llama_dir, data_dir, tp):
+    log = tmp_path / "m.jsonl"
+    r = run(2, *base_flags(tiny_llama_dir, data_dir, "--tensor-model-parallel-size", str(tp),
+                           "--global-batch-size", "4", "--train-iters", "4", "--eval-interval", "2",
+                           "--eval-iters", "1", "--save", str(tmp_path / "ckpt"), "--save-interval", "2",
+                           "--log-jsonl", str(log), "--tensorboard-dir", str(tmp_path / "tb")))
+    _ok(r)
+    assert "iter      4/4" in r.stdout and "eval @ 4" in r.stdout
+    train = losses(log)
+    assert sorted(train) == [1, 2, 3, 4] and all(v == v for v in train.values())
+    assert (tmp_path / "ckpt" / "latest").read_text() == "iter_0000004"
+    assert (tmp_path / "ckpt" / "best").exists()
+    assert any((tmp_path / "tb").iterdir())
+
+
+def test_loss_decreases_on_a_fixed_batch(tmp_path, tiny_llama_dir, data_dir):
+    # one fixed sample set: global batch = 4 samples of a 4-sample dataset
+    small = tmp_path / "small"
+    small.mkdir()
+    lines = Path(data_dir, "train.jsonl").read_text().splitlines()[:4]
+    (small / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (small / "meta.json").write_text(Path(data_dir, "meta.json").read_text())
+    log = tmp_path / "m.jsonl"
+    r = run(1, *base_flags(tiny_llama_dir, str(small), "--global-batch-size", "4", "--train-iters", "12",
+                           "--lr", "1e-2", "--lr-decay-style", "constant", "--log-jsonl", str(log)))
+    _ok(r)
+    train = losses(log)
+    assert train[12] < 0.8 * train[1], train
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_llama_dir, data_dir):
+    common = base_flags(tiny_llama_dir, data_dir, "--tensor-model-parallel-size", "2",
+                        "--global-batch-size", "4", "--train-iters", "6")
+    full = tmp_path / "full.jsonl"
+    _ok(run(2, *common, "--log-jsonl", str(full)))
+    ckpt = tmp_path / "ckpt"
+    part = tmp_path / "part.jsonl"
+    _ok(run(2, *common, "--save", str(ckpt), "--save-interval", "3", "--exit-interval", "3",
+            "--log-jsonl", str(part)))
+    assert sorted(losses(part)) == [1, 2, 3]
+    _ok(run(2, *common, "--load", str(ckpt), "--save", str(ckpt), "--log-jsonl", str(part)))
+    a, b = losses(full), losses(part)
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    for it in range(1, 7):
+        assert b[it] == pytest.approx(a[it], rel=1e-5, abs=1e-6), (it, a, b)
+
+
+def test_crash_during_checkpoint_write_keeps_previous(tmp_path, tiny_llama_dir, data_dir):
+    ckpt = tmp_path / "ckpt"
+    common = base_flags(tiny_llama_dir, data_dir, "--global-batch-size", "2", "--train-iters", "4",
+                        "--save", str(ckpt), "--save-interval", "2")
+    r = run(1, *common, env={"MEGASPARK_FAULT_KILL_DURING_SAVE": "4"})
+    assert r.returncode != 0
+    assert (ckpt / "latest").read_text() == "iter_0000002"
+    assert (ckpt / "iter_0000004.tmp").is_dir() and not (ckpt / "iter_0000004").exists()
+    log = tmp_path / "resume.jsonl"
+    _ok(run(1, *common, "--load", str(ckpt), "--log-jsonl", str(log)))
+    assert sorted(losses(log)) == [3, 4]
+    assert (ckpt / "latest").read_text() == "iter_0000004"
+
+
+def _fails(r, *needles):
+    assert r.returncode != 0
+    err = r.stderr
+    # torchrun reports a failed worker with its own traceback; ours must not have one
+    assert f'File "{REPO}' not in err, err[-3000:]
+    assert "pretrain_dspark.py: error:" in err, err[-3000:]
+    for n in needles:
+        assert n in err, err[-3000:]
+
+
+def test_bad_input_is_refused_clearly(tmp_path, tiny_llama_dir, data_dir):
+    flags = base_flags(tiny_llama_dir, data_dir, "--train-iters", "1")
+    _fails(run(1, *flags, "--global-batch-size", "3"), "--global-batch-size")
+    _fails(run(2, *flags, "--tensor-model-parallel-size", "2", "--num-query-groups", "1"),
+           "--num-query-groups", "--tensor-model-parallel-size")
+    _fails(run(1, *flags, "--target-layer-ids", "1", "5"), "--target-layer-ids")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "meta.json").write_text(Path(data_dir, "meta.json").read_text())
+    (bad / "train.jsonl").write_text('{"input_ids": [1, 2, 3], "loss_mask": [0, 1]}\n')
+    _fails(run(1, *base_flags(tiny_llama_dir, str(bad), "--train-iters", "1")), "line 1")
+    ckpt = tmp_path / "ckpt"
+    _ok(run(1, *flags, "--global-batch-size", "2", "--save", str(ckpt)))
+    other = base_flags(tiny_llama_dir, data_dir, "--train-iters", "2")
+    other[other.index("--num-layers") + 1] = "1"
+    _fails(run(1, *other, "--load", str(ckpt)), "different draft shape", "num_layers")
