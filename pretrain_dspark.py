@@ -13,16 +13,26 @@ from __future__ import annotations
 from functools import partial
 
 
-def model_provider(args, dcfg, pre_process=True, post_process=True):
-    """Build this rank's part of the DSpark draft."""
+def model_provider(args, dcfg, pre_process=True, post_process=True, vp_stage=None):
+    """Build this rank's part (one virtual pipeline stage) of the DSpark draft."""
     from megaspark.models.dspark.model import DSparkModel
 
+    extra = {}
+    if args.virtual_pipeline_model_parallel_size:
+        extra["virtual_pipeline_model_parallel_size"] = args.virtual_pipeline_model_parallel_size
+        if args.pipeline_model_parallel_size == 2:
+            # Interleaved with two stages sends activations and gradients between the same
+            # pair of ranks in one batched exchange, where they can be matched crosswise;
+            # megatron's unbatched even/odd ordering keeps them apart.
+            extra["batch_p2p_comm"] = False
     tcfg = dcfg.transformer_config(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         bf16=args.bf16,
+        **extra,
     )
-    model = DSparkModel(tcfg, dcfg, pre_process=pre_process, post_process=post_process, seed=args.seed)
+    model = DSparkModel(tcfg, dcfg, pre_process=pre_process, post_process=post_process,
+                        seed=args.seed, vp_stage=vp_stage)
     return model, tcfg
 
 

@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="interleaved 1F1B: draft layers per virtual stage (needs "
+                   "--pipeline-model-parallel-size > 1)")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard optimizer state over data-parallel ranks (megatron-core "
+                   "DistributedOptimizer); checkpoints stay reshardable")
     g.add_argument("--distributed-backend", default=None, choices=["gloo", "nccl"],
                    help="default: nccl with a GPU, gloo without")
 
@@ -181,6 +187,21 @@ def validate_args(args, world_size: int) -> None:
          f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
     need(args.num_layers >= pp,
          f"--pipeline-model-parallel-size {pp} exceeds --num-layers {args.num_layers}")
+    args.virtual_pipeline_model_parallel_size = None
+    vl = args.num_layers_per_virtual_pipeline_stage
+    if vl is not None:
+        need(pp > 1, "--num-layers-per-virtual-pipeline-stage needs "
+             "--pipeline-model-parallel-size > 1")
+        need(vl >= 1 and args.num_layers % (vl * pp) == 0,
+             f"--num-layers {args.num_layers} is not divisible by "
+             f"--num-layers-per-virtual-pipeline-stage {vl} x --pipeline-model-parallel-size {pp}")
+        args.virtual_pipeline_model_parallel_size = args.num_layers // (vl * pp)
+        if args.virtual_pipeline_model_parallel_size == 1:
+            args.virtual_pipeline_model_parallel_size = None  # plain 1F1B
+        else:
+            need(args.num_microbatches % pp == 0,
+                 f"the interleaved schedule needs the number of micro-batches per step "
+                 f"({args.num_microbatches}) to be a multiple of --pipeline-model-parallel-size {pp}")
     need(args.block_size >= 1, "--block-size must be >= 1")
     need(args.num_anchors >= 1, "--num-anchors must be >= 1")
     need(args.markov_rank >= 0, "--markov-rank must be >= 0")

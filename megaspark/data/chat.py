@@ -123,6 +123,8 @@ def _render(tokenizer, messages, add_generation_prompt, template_kwargs) -> str:
 
 
 def _common_prefix_len(a: str, b: str) -> int:
+    if b.startswith(a):
+        return len(a)
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:

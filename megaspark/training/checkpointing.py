@@ -32,6 +32,30 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def prestart_checkpoint_writer() -> None:
+    """Start dist_checkpointing's result-queue manager now, by fork, before any process
+    group exists. Left to itself it spawns a fresh interpreter at the first save
+    (~10 s on a small machine); forking after the communicators exist would be unsafe."""
+    import multiprocessing as mp
+
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:  # layout differs in other megatron-core releases: keep the default
+        return
+    if getattr(filesystem_async, "_results_queue", "missing") is None:
+        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
+
+
+def _die_like_a_killed_job() -> None:
+    """Fault injection for tests: stop dead after the shards are written but before the
+    rename, together with our helper processes (as a scheduler kills a job's tree)."""
+    import multiprocessing as mp
+
+    for child in mp.active_children():
+        child.kill()
+    os._exit(17)
+
+
 def _atomic_write_text(path: str, text: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
@@ -62,6 +86,58 @@ def read_state(path: str) -> dict:
     return torch.load(os.path.join(resolve_checkpoint(path), STATE_FILE), weights_only=False)
 
 
+def _torch_optimizers(optimizer):
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        yield opt.optimizer
+
+
+def _initialise_adam_state(optimizer) -> None:
+    """A fresh torch Adam has no state for megatron to load into (and its distributed
+    optimizer insists on one shared 'step'): create zero moments and step 0."""
+    for opt in _torch_optimizers(optimizer):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                state = opt.state[p]
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(p.data)
+                    state["exp_avg_sq"] = torch.zeros_like(p.data)
+                if "step" not in state:
+                    state["step"] = torch.tensor(0.0)
+
+
+def _tolerate_missing_step(optimizer) -> None:
+    """megatron-core's fully-reshardable loader copies every key of a parameter's torch
+    Adam state from the checkpoint, but never stores 'step' there (it restores the step
+    from the param groups instead). Hide 'step' while each parameter's state is copied."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        setter = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if setter is None or getattr(setter, "_megaspark_patched", False):
+            continue
+
+        def patched(model_param, tensors, _opt=opt, _orig=setter):
+            group_index, group_order = _opt.model_param_group_index_map[model_param]
+            main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
+            state = _opt.optimizer.state[main_param]
+            step = state.pop("step", None) if "step" not in tensors else None
+            try:
+                _orig(model_param, tensors)
+            finally:
+                if step is not None:
+                    state["step"] = step
+
+        patched._megaspark_patched = True
+        opt._set_main_param_and_optimizer_states = patched
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """After a load every parameter may point at one shared 'step' tensor; torch Adam
+    increments steps in place, so give each parameter its own copy."""
+    for opt in _torch_optimizers(optimizer):
+        for state in opt.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
 class Checkpointer:
     def __init__(self, args, dcfg, target_fingerprint: str):
         self.args = args
@@ -74,10 +150,17 @@ class Checkpointer:
         self._best_pending = iteration
 
     def _sharded(self, trainer, is_loading: bool):
-        model_sd = trainer.model.sharded_state_dict()
+        per_chunk = [chunk.sharded_state_dict() for chunk in trainer.chunks]
+        # checkpoint keys are global either way; the nesting only mirrors the chunks
+        model_sd = per_chunk[0] if len(per_chunk) == 1 else {
+            f"chunk{i}": sd for i, sd in enumerate(per_chunk)}
         return {
             "model": model_sd,
-            "optimizer": trainer.optimizer.sharded_state_dict(model_sd, is_loading=is_loading),
+            # fully_reshardable: optimizer state can be loaded at another TP/PP/DP layout
+            "optimizer": trainer.optimizer.sharded_state_dict(
+                model_sd, is_loading=is_loading,
+                metadata={"distrib_optim_sharding_type": "fully_reshardable"},
+            ),
         }
 
     def save(self, trainer) -> str:
@@ -116,7 +199,7 @@ class Checkpointer:
             )
         _barrier()
         if os.environ.get("MEGASPARK_FAULT_KILL_DURING_SAVE") == str(it):
-            os._exit(17)  # fault injection for tests: die with the shards written, unrenamed
+            _die_like_a_killed_job()
         if rank == 0:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -149,6 +232,14 @@ class Checkpointer:
                 f"{state.get('target_fingerprint')} != {self.target_fingerprint}); check "
                 "--target-model and --target-layer-ids"
             )
+        saved_dist_opt = bool(state.get("args", {}).get("use_distributed_optimizer", False))
+        if saved_dist_opt != bool(getattr(self.args, "use_distributed_optimizer", False)):
+            raise CheckpointError(
+                "--load checkpoint was written "
+                + ("with" if saved_dist_opt else "without")
+                + " --use-distributed-optimizer; resume with the same setting (the parallel "
+                "layout itself may change)"
+            )
         from megaspark.config import DSparkConfig
 
         theirs = DSparkConfig.from_dict(state["dspark_config"]).shape_signature()
@@ -164,10 +255,17 @@ class Checkpointer:
         ckpt = resolve_checkpoint(path)
         state = torch.load(os.path.join(ckpt, STATE_FILE), weights_only=False)
         self.check_compatible(state)
+        _initialise_adam_state(trainer.optimizer)
+        _tolerate_missing_step(trainer.optimizer)
         loaded = dist_checkpointing.load(self._sharded(trainer, is_loading=True), ckpt)
         with torch.no_grad():
-            trainer.model.load_state_dict(loaded["model"], strict=False)
-        trainer.optimizer.load_state_dict(loaded["optimizer"])
+            if len(trainer.chunks) == 1:
+                trainer.chunks[0].load_state_dict(loaded["model"], strict=True)
+            else:
+                for i, chunk in enumerate(trainer.chunks):
+                    chunk.load_state_dict(loaded["model"][f"chunk{i}"], strict=True)
+            trainer.optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(trainer.optimizer)
         trainer.scheduler.load_state_dict(state["scheduler"])
         trainer.state.iteration = state["iteration"]
         trainer.state.consumed_samples = state["consumed_samples"]

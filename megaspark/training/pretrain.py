@@ -29,13 +29,29 @@ def load_target(args):
     return HFTargetProvider(args.target_model, layer_ids=args.target_layer_ids_resolved)
 
 
+def build_model_chunks(args, dcfg, model_provider):
+    """This rank's model chunks: one per virtual pipeline stage (one without interleaving).
+    Only the very first chunk of the pipeline embeds, only the very last one has the heads."""
+    from megatron.core import parallel_state
+
+    vpp = args.virtual_pipeline_model_parallel_size
+    chunks, tcfg = [], None
+    for vp_stage in range(vpp or 1):
+        stage = None if vpp is None else vp_stage
+        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
+        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
+        chunk, tcfg = model_provider(args, dcfg, pre_process=pre, post_process=post, vp_stage=stage)
+        chunks.append(chunk)
+    return chunks, tcfg
+
+
 def pretrain(model_provider, forward_step, argv=None):
     from megaspark.config import DSparkConfig
     from megaspark.data.dataset import PreparedDataset, load_meta
     from megaspark.parallel import initialize_distributed
     from megaspark.targets.hf import load_config_offline
     from megaspark.targets.builtin import default_mask_token_id, resolve_target
-    from megaspark.training.checkpointing import Checkpointer, read_state
+    from megaspark.training.checkpointing import Checkpointer, prestart_checkpoint_writer, read_state
     from megaspark.training.trainer import Trainer, wrap_ddp
 
     args = parse_args(argv)
@@ -47,9 +63,12 @@ def pretrain(model_provider, forward_step, argv=None):
     else:
         hf_config = None
 
+    if args.save:
+        prestart_checkpoint_writer()
     initialize_distributed(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         backend=args.distributed_backend,
         seed=args.seed,
     )
@@ -100,17 +119,16 @@ def pretrain(model_provider, forward_step, argv=None):
     if args.load:
         checkpointer.check_compatible(read_state(args.load))
 
-    model, tcfg = model_provider(args, dcfg,
-                                 pre_process=parallel_state.is_pipeline_first_stage(),
-                                 post_process=parallel_state.is_pipeline_last_stage())
-    model.load_target_embeddings(target.embedding_weight(), target.lm_head_weight())
-    ddp_model = wrap_ddp(model, tcfg, args)
-    trainer = Trainer(args, model, ddp_model, tcfg, dcfg, target, train_data, valid_data,
+    chunks, tcfg = build_model_chunks(args, dcfg, model_provider)
+    for chunk in chunks:
+        chunk.load_target_embeddings(target.embedding_weight(), target.lm_head_weight())
+    ddp_chunks = wrap_ddp(chunks, tcfg, args)
+    trainer = Trainer(args, chunks, ddp_chunks, tcfg, dcfg, target, train_data, valid_data,
                       forward_step, pad_id=train_data.pad_id)
     if args.load:
         checkpointer.load(trainer, args.load)
 
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_train = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
     _log0(
         f"megaspark: target {args.target_model} ({hf_config.model_type}, {dcfg.num_target_layers} "
         f"layers, taps {dcfg.target_layer_ids}) | draft {dcfg.num_layers} layers, heads "

@@ -37,7 +37,7 @@ class TrainState:
     history: list = field(default_factory=list)  # per-iteration training loss (for tests/resume)
 
 
-def build_optimizer(args, ddp_model):
+def build_optimizer(args, ddp_chunks):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -54,7 +54,7 @@ def build_optimizer(args, ddp_model):
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         use_distributed_optimizer=getattr(args, "use_distributed_optimizer", False),
     )
-    optimizer = get_megatron_optimizer(opt_config, [ddp_model])
+    optimizer = get_megatron_optimizer(opt_config, list(ddp_chunks))
     total = args.train_iters * args.global_batch_size  # the scheduler counts samples
     warmup = int(args.lr_warmup_fraction * total)
     wsd_steps = int(args.lr_wsd_decay_fraction * total) if args.lr_decay_style == "WSD" else None
@@ -76,7 +76,8 @@ def build_optimizer(args, ddp_model):
     return optimizer, scheduler
 
 
-def wrap_ddp(model, tcfg, args):
+def wrap_ddp(chunks, tcfg, args):
+    """megatron-core DDP around every model chunk (one per virtual pipeline stage)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(
@@ -84,20 +85,24 @@ def wrap_ddp(model, tcfg, args):
         overlap_grad_reduce=False,
         use_distributed_optimizer=getattr(args, "use_distributed_optimizer", False),
     )
-    return DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=model)
+    return [
+        DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=chunk,
+                                disable_bucketing=(i > 0))
+        for i, chunk in enumerate(chunks)
+    ]
 
 
 class Trainer:
     """Owns the model, optimizer, data position and logging of one run."""
 
-    def __init__(self, args, model, ddp_model, tcfg, dcfg, target, train_data, valid_data,
+    def __init__(self, args, chunks, ddp_chunks, tcfg, dcfg, target, train_data, valid_data,
                  forward_step: Callable, pad_id: int):
         from megatron.core import parallel_state
         from megatron.core.distributed import finalize_model_grads
 
         self.args = args
-        self.model = model
-        self.ddp_model = ddp_model
+        self.chunks = list(chunks)  # this rank's model chunks (virtual pipeline stages)
+        self.ddp_chunks = list(ddp_chunks)
         self.tcfg = tcfg
         self.dcfg = dcfg
         self.target = target
@@ -106,8 +111,9 @@ class Trainer:
         self.forward_step = forward_step
         self.pad_id = pad_id
         self.state = TrainState()
-        self.optimizer, self.scheduler = build_optimizer(args, ddp_model)
-        tcfg.no_sync_func = ddp_model.no_sync
+        self.optimizer, self.scheduler = build_optimizer(args, self.ddp_chunks)
+        no_sync = [c.no_sync for c in self.ddp_chunks]
+        tcfg.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         tcfg.finalize_model_grads_func = finalize_model_grads
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -152,10 +158,11 @@ class Trainer:
             x.loss_scale = scale
             x.global_denominator = denominator
         forward_backward = get_forward_backward_func()
+        iterators = [iter(inputs) for _ in self.ddp_chunks]  # each chunk walks the micro-batches
         return forward_backward(
             forward_step_func=self.forward_step,
-            data_iterator=iter(inputs),
-            model=[self.ddp_model],
+            data_iterator=iterators[0] if len(iterators) == 1 else iterators,
+            model=self.ddp_chunks,
             num_microbatches=len(inputs),
             seq_length=self.args.seq_length + self.dcfg.num_anchors * self.dcfg.block_size,
             micro_batch_size=self.args.micro_batch_size,
@@ -168,7 +175,8 @@ class Trainer:
         inputs, denominator = prepare_micro_batches(
             micro, self.dcfg, args.seed, target=self.target, dp_group=self.dp_group
         )
-        self.ddp_model.zero_grad_buffer()
+        for chunk in self.ddp_chunks:
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         reports = self._run_schedule(inputs, denominator, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
@@ -210,7 +218,8 @@ class Trainer:
         args = self.args
         if self.valid_data is None or len(self.valid_data) == 0:
             return {}
-        self.ddp_model.eval()
+        for chunk in self.ddp_chunks:
+            chunk.eval()
         reports = []
         per_iter = args.micro_batch_size * self.dp_size
         max_iters = max(1, min(args.eval_iters, len(self.valid_data) // per_iter))
@@ -218,7 +227,8 @@ class Trainer:
             micro = self._micro_batches(self.valid_data, i * per_iter, 1, shuffle=False)
             inputs, den = prepare_micro_batches(micro, self.dcfg, args.seed, self.target, self.dp_group)
             reports.extend(self._run_schedule(inputs, den, forward_only=True) or [])
-        self.ddp_model.train()
+        for chunk in self.ddp_chunks:
+            chunk.train()
         return self._reduce_reports(reports)
 
     # ------------------------------------------------------------------ loop

@@ -179,6 +179,7 @@ class DSparkModel(MegatronModule):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """Layers are keyed by their *global* number, so a checkpoint written with one
         pipeline split loads with another (DESIGN.md decision 6)."""
+        from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
         from megatron.core.transformer.utils import (
             ensure_metadata_has_dp_cp_group,
             sharded_state_dict_default,
@@ -189,9 +190,14 @@ class DSparkModel(MegatronModule):
         sharded = {}
         for name, module in self.named_children():
             if name == "layers":
-                for layer in module:
-                    sharded.update(layer.sharded_state_dict(
-                        f"{prefix}layers.{layer.layer_number}.", sharded_offsets, metadata))
+                for local, layer in enumerate(module):
+                    # dict keys stay local (what load_state_dict expects); checkpoint keys
+                    # use the global layer number
+                    local_prefix = f"{prefix}layers.{local}."
+                    layer_sd = layer.sharded_state_dict(local_prefix, sharded_offsets, metadata)
+                    replace_prefix_for_sharding(
+                        layer_sd, local_prefix, f"{prefix}layers.{layer.layer_number}.")
+                    sharded.update(layer_sd)
             else:
                 sharded.update(sharded_state_dict_default(
                     module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=tp_group))
