@@ -172,3 +172,29 @@ def test_bad_input_is_refused_clearly(tmp_path, tiny_llama_dir, data_dir):
     other = base_flags(tiny_llama_dir, data_dir, "--train-iters", "2")
     other[other.index("--num-layers") + 1] = "1"
     _fails(run(1, *other, "--load", str(ckpt)), "different draft shape", "num_layers")
+
+
+@pytest.mark.slow
+def test_short_run_against_real_smollm2(tmp_path):
+    """The embedded default target end to end: data rendered with SmolLM2's chat template,
+    TP=2 training of its default (TP-friendly) draft shape, checkpoint written."""
+    out = tmp_path / "data"
+    subprocess.run(
+        [sys.executable, str(REPO / "tools/prepare_data.py"), "--input", str(_chat_file(tmp_path / "c.jsonl", 16)),
+         "--target-model", "builtin:smollm2-135m", "--output", str(out), "--max-length", "96",
+         "--valid-fraction", "0.25", "--min-supervised-tokens", "4", "--quiet"],
+        check=True, capture_output=True, text=True, timeout=600,
+    )
+    log = tmp_path / "m.jsonl"
+    r = run(2, "--target-model", "builtin:smollm2-135m", "--data-path", str(out),
+            "--tensor-model-parallel-size", "2", "--num-layers", "1", "--num-anchors", "16",
+            "--markov-rank", "32", "--seq-length", "96", "--micro-batch-size", "1",
+            "--global-batch-size", "2", "--train-iters", "3", "--log-interval", "1",
+            "--eval-interval", "3", "--eval-iters", "1", "--no-progress-bar",
+            "--save", str(tmp_path / "ckpt"), "--log-jsonl", str(log), timeout=900)
+    _ok(r)
+    assert "heads 8/4x72" in r.stdout  # 9/3 heads of SmolLM2 do not split over TP=2
+    train = losses(log)
+    assert sorted(train) == [1, 2, 3] and all(v == v and v > 0 for v in train.values())
+    assert losses(log, "eval")
+    assert (tmp_path / "ckpt" / "latest").read_text() == "iter_0000003"
