@@ -169,6 +169,45 @@ class DualSourceAttention(MegatronModule):
             skip_bias_add=False, is_expert=False,
         )
 
+    def _project_kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [T, b, H] → rotated k, v [b, nkv, T, hd] (this rank's KV heads)."""
+        T, b, _ = x.shape
+        kv, _ = self.linear_kv(x)
+        kv = kv.view(T, b, 2, self.groups_per_rank, self.head_dim)
+        k, v = kv[:, :, 0], kv[:, :, 1]
+        if self.k_layernorm is not None:
+            k = self.k_layernorm(k)
+        k = apply_rope(k.permute(1, 2, 0, 3), cos, sin)
+        return k, v.permute(1, 2, 0, 3)
+
+    def forward_cached(self, context_new, block, ctx_cos, ctx_sin, blk_cos, blk_sin, cache: dict):
+        """Inference (DSPARK_SPEC.md §7): append the K/V of newly verified context rows to
+        ``cache`` (they persist), then attend from the block to [cached context; block]
+        with no mask — every cached position precedes the anchor and the block is
+        bidirectional. block [B, b, H] (normed) → [B, b, H]."""
+        if context_new is not None and context_new.shape[0] > 0:
+            k_new, v_new = self._project_kv(context_new, ctx_cos, ctx_sin)
+            if "k" in cache:
+                cache["k"] = torch.cat([cache["k"], k_new], dim=2)
+                cache["v"] = torch.cat([cache["v"], v_new], dim=2)
+            else:
+                cache["k"], cache["v"] = k_new, v_new
+        B, b, _ = block.shape
+        hd, nq, nkv = self.head_dim, self.heads_per_rank, self.groups_per_rank
+        q, _ = self.linear_q(block)
+        q = q.view(B, b, nq, hd)
+        if self.q_layernorm is not None:
+            q = self.q_layernorm(q)
+        q = apply_rope(q.permute(1, 2, 0, 3), blk_cos, blk_sin).reshape(b, nkv, nq // nkv, B, hd)
+        k_blk, v_blk = self._project_kv(block, blk_cos, blk_sin)
+        k = torch.cat([cache["k"], k_blk], dim=2) if "k" in cache else k_blk
+        v = torch.cat([cache["v"], v_blk], dim=2) if "v" in cache else v_blk
+        allowed = torch.ones(b, B, k.shape[2], dtype=torch.bool, device=block.device)
+        out = dense_mask_attention(q, k, v, allowed)
+        out = out.reshape(b, nq, B, hd).permute(2, 0, 1, 3).reshape(B, b, nq * hd)
+        out, _ = self.linear_proj(out)
+        return out
+
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """Checkpoint the fused ``[k; v]`` projection as two separately sharded halves (as
         megatron does for SwiGLU's fc1), so checkpoints reshard across TP sizes."""

@@ -97,3 +97,14 @@ class DSparkLayer(MegatronModule):
             mlp_out = mlp_out + mlp_bias
         x = x + mlp_out
         return torch.cat([context, x], dim=0)
+
+    def forward_cached(self, context_new, x, rope: dict, cache: dict) -> torch.Tensor:
+        """Inference: block rows x [B, b, H] with this layer's context K/V cache."""
+        x = x + self.self_attention.forward_cached(
+            context_new, self.input_layernorm(x), rope["ctx_cos"], rope["ctx_sin"],
+            rope["blk_cos"], rope["blk_sin"], cache,
+        )
+        mlp_out, mlp_bias = self.mlp(self.pre_mlp_layernorm(x))
+        if mlp_bias is not None:
+            mlp_out = mlp_out + mlp_bias
+        return x + mlp_out

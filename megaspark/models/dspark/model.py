@@ -265,6 +265,47 @@ class DSparkModel(MegatronModule):
             return h
         return self.loss_sums(h, inputs)
 
+    @torch.no_grad()
+    def inference_forward(self, context_features, context_positions, block_ids, block_positions,
+                          cache: list) -> torch.Tensor:
+        """One draft pass at inference (DSPARK_SPEC.md §7 step 2) on a single-stage model.
+
+        context_features [b, Tn, L·H] of the positions verified since the last call (None
+        or Tn = 0 if none) at ``context_positions`` [b, Tn]; block_ids/block_positions
+        [b, B] (anchor then mask tokens at a…a+B−1). ``cache`` is a list with one dict per
+        layer, updated in place (context K/V only; block K/V are never kept).
+        Returns the draft hidden states h [b, B, H] after the final norm.
+        """
+        if not (self.pre_process and self.post_process):
+            raise RuntimeError("inference_forward needs the whole draft on one stage (PP=1)")
+        d = self.dspark_config
+        while len(cache) < len(self.layers):
+            cache.append({})
+        context = None
+        rope = {}
+        if context_features is not None and context_features.shape[1] > 0:
+            feats = context_features.transpose(0, 1).to(self.fc.weight.dtype)
+            context, _ = self.fc(feats)
+            context = self.hidden_norm(context)
+            rope["ctx_cos"], rope["ctx_sin"] = rope_cos_sin(
+                context_positions, d.head_dim, d.rope_theta, d.rope_scaling_factor)
+        else:
+            rope["ctx_cos"] = rope["ctx_sin"] = None
+        rope["blk_cos"], rope["blk_sin"] = rope_cos_sin(
+            block_positions, d.head_dim, d.rope_theta, d.rope_scaling_factor)
+        x = self.embedding(block_ids).transpose(0, 1).to(self.fc.weight.dtype)  # [B, b, H]
+        for layer, layer_cache in zip(self.layers, cache):
+            x = layer.forward_cached(context, x, rope, layer_cache)
+        return self.final_layernorm(x).transpose(0, 1)
+
+    @staticmethod
+    def crop_cache(cache: list, length: int) -> None:
+        """Drop cached context K/V beyond ``length`` positions (e.g. after a rejection)."""
+        for layer_cache in cache:
+            if "k" in layer_cache:
+                layer_cache["k"] = layer_cache["k"][:, :, :length]
+                layer_cache["v"] = layer_cache["v"][:, :, :length]
+
     def final_hidden(self, hidden: torch.Tensor, inputs: DraftInputs) -> torch.Tensor:
         x = self.final_layernorm(hidden[inputs.seq_len:])  # [N·B, b, H]
         b = x.shape[1]
