@@ -64,12 +64,18 @@ def _vocab_parallel_softmax_stats(logits: torch.Tensor, group):
     return m, ex, _reduce_from_tp(ex.sum(dim=-1), group)
 
 
+def _logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return (x.to(weight.dtype) @ weight.t()).float()
+
+
 def _chunk_terms(h, feat, labels, target_hidden, lm_head, w2, vocab_start: int, group, need_l1: bool):
     """CE and L1 of one chunk of rows; every tensor here is [rows_c, ·]."""
     h = _copy_to_tp(h, group)
-    logits = h.float() @ lm_head.float().t()
+    # Matmuls in the weights' dtype (no fp32 copy of a [V/tp, H] table per chunk), then
+    # everything downstream in fp32 (DESIGN.md decision 7).
+    logits = _logits(h, lm_head)
     if feat is not None:
-        logits = logits + _copy_to_tp(feat, group).float() @ w2.float().t()
+        logits = logits + _logits(_copy_to_tp(feat, group), w2)
     m, ex, sumexp = _vocab_parallel_softmax_stats(logits, group)
     lse = m + torch.log(sumexp)
     v_local = logits.shape[-1]
@@ -81,7 +87,7 @@ def _chunk_terms(h, feat, labels, target_hidden, lm_head, w2, vocab_start: int, 
     if not need_l1:
         return ce, torch.zeros_like(ce)
     with torch.no_grad():
-        t_logits = target_hidden.float() @ lm_head.float().t()
+        t_logits = _logits(target_hidden, lm_head)
         _, t_ex, t_sum = _vocab_parallel_softmax_stats(t_logits, group)
         p_t = t_ex / t_sum[:, None]
     # Each rank's |p_d − p_t| shard depends on the replicated Σexp, so the gradient that
