@@ -61,12 +61,13 @@ def main(argv=None):
     from megaspark.arguments import ArgumentError
     from megaspark.config import ConfigError
     from megaspark.data.chat import DataError
+    from megaspark.export.hf import ExportError
     from megaspark.training.checkpointing import CheckpointError
     from megaspark.training.pretrain import pretrain
 
     try:
         pretrain(model_provider, forward_step, argv)
-    except (ArgumentError, ConfigError, CheckpointError, DataError) as e:
+    except (ArgumentError, ConfigError, CheckpointError, DataError, ExportError) as e:
         print(f"pretrain_dspark.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:

@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpointing, evaluation and logging")
     g.add_argument("--save", default=None, help="checkpoint directory")
     g.add_argument("--load", default=None, help="resume from this checkpoint directory")
+    g.add_argument("--load-hf-draft", default=None,
+                   help="initialise the draft's trainable weights from an HF DSpark/DFlash "
+                   "export (DeepSpec or SpecForge layout) and train on from there")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--keep-last", type=int, default=3,
                    help="checkpoints kept by rotation (latest and best are never deleted)")
@@ -182,6 +185,10 @@ def validate_args(args, world_size: int) -> None:
          f"--data-path {args.data_path} is not a directory (run tools/prepare_data.py first)")
     need(args.load is None or os.path.isdir(args.load),
          f"--load {args.load} is not a directory")
+    need(args.load_hf_draft is None or os.path.isfile(os.path.join(args.load_hf_draft, "config.json")),
+         f"--load-hf-draft {args.load_hf_draft} is not an HF draft directory (no config.json)")
+    need(not (args.load and args.load_hf_draft),
+         "--load (resume a run) and --load-hf-draft (start from exported weights) exclude each other")
     if args.target_layer_ids is not None:
         ids = args.target_layer_ids
         need(all(b > a for a, b in zip(ids, ids[1:])),

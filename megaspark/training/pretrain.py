@@ -128,6 +128,12 @@ def pretrain(model_provider, forward_step, argv=None):
     chunks, tcfg = build_model_chunks(args, dcfg, model_provider)
     for chunk in chunks:
         chunk.load_target_embeddings(target.embedding_weight(), target.lm_head_weight())
+    if args.load_hf_draft:
+        # before DDP/optimizer: they copy the parameters
+        from megaspark.export.hf import load_hf_draft_weights
+
+        load_hf_draft_weights(chunks, args.load_hf_draft, dcfg, target_fingerprint=target.fingerprint())
+        _log0(f"initialised the draft from {args.load_hf_draft}")
     ddp_chunks = wrap_ddp(chunks, tcfg, args)
     trainer = Trainer(args, chunks, ddp_chunks, tcfg, dcfg, target, train_data, valid_data,
                       forward_step, pad_id=train_data.pad_id)

@@ -1,0 +1,360 @@
+#!/usr/bin/env python
+"""Check an HF DSpark draft directory the way SGLang and vLLM read it (DSPARK_SPEC.md §9.3).
+
+Reads ``config.json`` and the safetensors headers only (no tensor data, no torch, no
+megatron), and reports every problem found:
+
+* required config fields (shape, ``block_size``, ``mask_token_id``, ``target_layer_ids``,
+  ``markov_rank``/``markov_head_type``, confidence-head flags) and their values —
+  ``mask_token_id`` inside the vocabulary, layer ids valid for the target depth;
+* where the engine looks for them: vLLM reads the DSpark fields at the top level of the
+  config; SGLang also looks in ``dspark_config``/``dflash_config``, needs
+  ``markov_rank > 0`` and refuses Convention-D (``speculators_model_type: "dspark"``)
+  checkpoints;
+* tensor names — exactly the set the config implies (no missing, no stray tensors, no
+  ``rotary_emb`` buffers, no ``model.`` prefix), confidence-head weights present iff
+  the head is enabled, ``embed_tokens``/``lm_head`` optional;
+* tensor shapes against the config (``fc`` ``[H, L·H]`` with ``L = len(target_layer_ids)``,
+  attention, MLP, norms, Markov tables ``[V, r]``, confidence ``[1, H(+r)]``, ...).
+
+This file restates the engines' expectations on purpose instead of importing megaspark's
+exporter, so that it checks the exporter rather than repeating it.
+
+Exit status: 0 if no problem was found, 1 otherwise (2 for a bad command line).
+
+    python tools/validate_hf_export.py export/smollm2
+    python tools/validate_hf_export.py export/qwen3-specforge --engine sglang
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import sys
+
+ENGINES = ("sglang", "vllm")
+HEAD_TYPES = ("vanilla", "gated", "rnn")
+KNOWN_ARCHITECTURES = {
+    "Qwen3DSparkModel": "DeepSpec-native Qwen3 draft (vLLM Qwen3DSparkForCausalLM, SGLang)",
+    "DSparkDraftModel": "SpecForge-style DSpark draft (SGLang)",
+    "DFlashDraftModel": "SpecForge/z-lab DFlash draft",
+    "LlamaDSparkModel": "megaspark Llama-family draft (no q/k norms)",
+    "MistralDSparkModel": "megaspark Mistral-family draft (no q/k norms)",
+    "Qwen2DSparkModel": "megaspark Qwen2-family draft (q/k/v biases)",
+}
+ENGINE_ARCHITECTURES = {"Qwen3DSparkModel", "DSparkDraftModel", "DFlashDraftModel"}
+FLOAT_DTYPES = {"F32", "F16", "BF16"}
+
+
+class Report:
+    def __init__(self):
+        self.problems: list[str] = []
+        self.notes: list[str] = []
+
+    def problem(self, msg: str) -> None:
+        self.problems.append(msg)
+
+    def note(self, msg: str) -> None:
+        self.notes.append(msg)
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+def read_safetensors_header(path: str) -> dict:
+    """name -> (dtype, shape) from a safetensors file's JSON header."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError("file too short for a safetensors header")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise ValueError(f"implausible header length {n}")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()}
+
+
+def read_tensor_index(path: str, report: Report) -> dict:
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    files = []
+    if os.path.isfile(single):
+        files = [single]
+    elif os.path.isfile(index):
+        with open(index) as f:
+            files = [os.path.join(path, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+    else:
+        report.problem("no model.safetensors (or model.safetensors.index.json) in the directory")
+        return {}
+    tensors = {}
+    for file in files:
+        try:
+            tensors.update(read_safetensors_header(file))
+        except (OSError, ValueError, KeyError) as e:
+            report.problem(f"{os.path.basename(file)}: cannot read the safetensors header ({e})")
+    return tensors
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _lookup(cfg: dict, key: str, places):
+    """(found, value, where) of ``key`` in the first of ``places`` that has it."""
+    for place in places:
+        node = cfg if place == "top level" else cfg.get(place)
+        if isinstance(node, dict) and key in node:
+            return True, node[key], place
+    return False, None, None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_config(cfg: dict, engines, report: Report) -> dict:
+    """Validate the fields; return the values needed for the tensor checks (or {})."""
+    shape = {}
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "intermediate_size", "vocab_size"):
+        if key not in cfg:
+            report.problem(f"config: missing top-level '{key}'")
+        else:
+            shape[key] = cfg[key]
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+        if key in shape and not (_is_int(shape[key]) and shape[key] > 0):
+            report.problem(f"config: '{key}' must be a positive integer, got {shape[key]!r}")
+            shape.pop(key)
+    if len(shape) < 6:
+        return {}
+    H, heads = shape["hidden_size"], shape["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads") or heads
+    hd = cfg.get("head_dim") or (H // heads)
+    if not (_is_int(kv) and kv > 0 and heads % kv == 0):
+        report.problem(f"config: num_key_value_heads {kv!r} must divide num_attention_heads {heads}")
+    if "head_dim" not in cfg and H % heads:
+        report.problem("config: no 'head_dim' and hidden_size is not a multiple of num_attention_heads")
+    if "rms_norm_eps" not in cfg:
+        report.note("config: no 'rms_norm_eps'; engines fall back to their class default")
+
+    archs = cfg.get("architectures")
+    if not (isinstance(archs, list) and archs and all(isinstance(a, str) for a in archs)):
+        report.problem(f"config: 'architectures' must be a non-empty list of names, got {archs!r}")
+    else:
+        for a in archs:
+            if a not in KNOWN_ARCHITECTURES:
+                known = ", ".join(sorted(KNOWN_ARCHITECTURES))
+                report.problem(f"config: unknown architecture '{a}' (known: {known})")
+            elif a not in ENGINE_ARCHITECTURES:
+                report.note(f"architecture {a}: {KNOWN_ARCHITECTURES[a]}; SGLang and vLLM serve "
+                            "Qwen3-family drafts only")
+    if cfg.get("tie_word_embeddings", False):
+        report.problem("config: tie_word_embeddings must be false "
+                       "(the draft's LM head is a separate frozen copy)")
+
+    # ---- DSpark fields, where each engine looks for them
+    nested = [p for p in ("dspark_config", "dflash_config") if isinstance(cfg.get(p), dict)]
+    places_sglang = ["dspark_config", "top level", "dflash_config"]
+    places_any = ["top level"] + nested
+    fields = {}
+    for key, required in (("block_size", True), ("mask_token_id", True), ("target_layer_ids", True),
+                          ("markov_rank", True), ("markov_head_type", False),
+                          ("enable_confidence_head", False), ("confidence_head_with_markov", False),
+                          ("num_target_layers", False)):
+        found, value, where = _lookup(cfg, key, places_any)
+        if found:
+            fields[key] = value
+        elif required:
+            report.problem(f"config: missing '{key}' (looked at the top level and in "
+                           f"{nested or 'no nested config'})")
+        if found and "vllm" in engines and where != "top level" and key != "num_target_layers":
+            report.problem(f"vllm: '{key}' is only in {where}; vLLM reads DSpark fields at the top level "
+                           "(export with the deepspec layout)")
+        if found and "sglang" in engines and not _lookup(cfg, key, places_sglang)[0]:
+            report.problem(f"sglang: '{key}' is not where SGLang looks "
+                           "(dspark_config, top level, dflash_config)")
+
+    V = shape["vocab_size"]
+    block = fields.get("block_size")
+    if block is not None and not (_is_int(block) and block >= 1):
+        report.problem(f"config: block_size must be an integer >= 1, got {block!r}")
+    mask = fields.get("mask_token_id")
+    if mask is not None and not (_is_int(mask) and 0 <= mask < V):
+        report.problem(f"config: mask_token_id {mask!r} is outside the target vocabulary [0, {V})")
+    ids = fields.get("target_layer_ids")
+    n_target = fields.get("num_target_layers")
+    if ids is not None:
+        if not (isinstance(ids, list) and ids and all(_is_int(i) for i in ids)):
+            report.problem(f"config: target_layer_ids must be a non-empty list of integers, got {ids!r}")
+            ids = None
+        elif any(b <= a for a, b in zip(ids, ids[1:])):
+            report.problem(f"config: target_layer_ids must be strictly increasing, got {ids}")
+        elif _is_int(n_target) and any(i < 0 or i > n_target - 2 for i in ids):
+            report.problem(f"config: target_layer_ids {ids} out of range for a {n_target}-layer target "
+                           f"(valid 0..{n_target - 2})")
+    if n_target is None:
+        report.note("config: no 'num_target_layers'; target layer ids not range-checked")
+    rank = fields.get("markov_rank")
+    if rank is not None and not (_is_int(rank) and rank >= 0):
+        report.problem(f"config: markov_rank must be an integer >= 0, got {rank!r}")
+        rank = None
+    head_type = fields.get("markov_head_type", "vanilla")
+    if rank:
+        if "markov_head_type" not in fields:
+            report.note("config: no 'markov_head_type'; engines assume 'vanilla'")
+        if head_type not in HEAD_TYPES:
+            report.problem(f"config: markov_head_type must be one of {HEAD_TYPES}, got {head_type!r}")
+    if rank == 0 and "sglang" in engines:
+        report.problem("sglang: markov_rank must be > 0 (SGLang serves DSpark drafts only, not plain DFlash)")
+    conf = fields.get("enable_confidence_head", False)
+    if not isinstance(conf, bool):
+        report.problem(f"config: enable_confidence_head must be true or false, got {conf!r}")
+        conf = bool(conf)
+    with_markov = fields.get("confidence_head_with_markov")
+    if conf and with_markov is None:
+        report.problem("config: enable_confidence_head is true but 'confidence_head_with_markov' is missing")
+    if conf and with_markov and not rank:
+        report.problem("config: confidence_head_with_markov needs markov_rank > 0")
+
+    # ---- slot convention
+    convention = cfg.get("dspark_slot_convention")
+    if convention is None:
+        report.note("config: no 'dspark_slot_convention'; engines assume Convention S (anchor-first)")
+    elif convention not in ("S", "D"):
+        report.problem(f"config: dspark_slot_convention must be 'S' or 'D', got {convention!r}")
+    from_anchor = cfg.get("sample_from_anchor")
+    if from_anchor is not None and convention in ("S", "D") and from_anchor != (convention == "S"):
+        report.problem(f"config: sample_from_anchor {cfg['sample_from_anchor']} contradicts "
+                       f"dspark_slot_convention {convention}")
+    if cfg.get("speculators_model_type") == "dspark" and "sglang" in engines:
+        report.problem("sglang: refuses checkpoints tagged speculators_model_type 'dspark' (Convention D)")
+    elif convention == "D" and "sglang" in engines:
+        report.problem("sglang: serves Convention S drafts only, this export is Convention D")
+
+    return dict(
+        model_type=shape["model_type"], H=H, heads=heads, kv=kv, hd=hd,
+        layers=shape["num_hidden_layers"], I=shape["intermediate_size"], V=V,
+        taps=len(ids) if ids else None, rank=rank or 0, head_type=head_type,
+        conf=conf, with_markov=bool(with_markov),
+        bias=bool(cfg.get("attention_bias", shape["model_type"] == "qwen2")),  # Qwen2 has q/k/v biases
+    )
+
+
+def expected_tensors(s: dict) -> dict:
+    """name -> shape implied by the config (embed_tokens/lm_head listed separately)."""
+    H, V, r, hd = s["H"], s["V"], s["rank"], s["hd"]
+    q, kv = s["heads"] * hd, s["kv"] * hd
+    out = {"fc.weight": (H, s["taps"] * H) if s["taps"] else None,
+           "hidden_norm.weight": (H,), "norm.weight": (H,)}
+    for i in range(s["layers"]):
+        p = f"layers.{i}."
+        out.update({
+            p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+            p + "self_attn.q_proj.weight": (q, H), p + "self_attn.k_proj.weight": (kv, H),
+            p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.o_proj.weight": (H, q),
+            p + "mlp.gate_proj.weight": (s["I"], H), p + "mlp.up_proj.weight": (s["I"], H),
+            p + "mlp.down_proj.weight": (H, s["I"]),
+        })
+        if s["bias"]:
+            out.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                        p + "self_attn.v_proj.bias": (kv,)})
+        if s["model_type"] == "qwen3":
+            out.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
+    if r > 0:
+        out.update({"markov_head.markov_w1.weight": (V, r), "markov_head.markov_w2.weight": (V, r)})
+        if s["head_type"] == "gated":
+            out.update({"markov_head.gate_proj.weight": (r, H + r), "markov_head.gate_proj.bias": (r,)})
+        elif s["head_type"] == "rnn":
+            out.update({"markov_head.joint_proj.weight": (3 * r, 2 * r + H),
+                        "markov_head.joint_proj.bias": (3 * r,)})
+    if s["conf"]:
+        out.update({"confidence_head.proj.weight": (1, H + (r if s["with_markov"] else 0)),
+                    "confidence_head.proj.bias": (1,)})
+    return out
+
+
+def check_tensors(tensors: dict, s: dict, report: Report) -> None:
+    expected = expected_tensors(s)
+    optional = {"embed_tokens.weight": (s["V"], s["H"]), "lm_head.weight": (s["V"], s["H"])}
+    for name, (dtype, shape) in sorted(tensors.items()):
+        if "rotary_emb" in name:
+            report.problem(f"tensor '{name}': rotary embedding buffers must not be saved")
+            continue
+        if name.startswith("model."):
+            report.problem(f"tensor '{name}': names carry no 'model.' prefix (DSPARK_SPEC.md §9.1)")
+            continue
+        if dtype not in FLOAT_DTYPES:
+            report.problem(f"tensor '{name}': dtype {dtype} (expected one of {sorted(FLOAT_DTYPES)})")
+        if name in expected:
+            want = expected[name]
+        elif name in optional:
+            want = optional[name]
+        else:
+            hint = ""
+            if name.startswith("confidence_head.") and not s["conf"]:
+                hint = " (the confidence head is disabled in the config)"
+            elif name.startswith("markov_head."):
+                hint = f" (markov_rank {s['rank']}, markov_head_type {s['head_type']!r})"
+            report.problem(f"tensor '{name}': not part of this draft{hint}")
+            continue
+        if want is not None and tuple(shape) != tuple(want):
+            report.problem(f"tensor '{name}': shape {list(shape)}, the config implies {list(want)}")
+    for name in expected:
+        if name not in tensors:
+            why = " (the confidence head is enabled)" if name.startswith("confidence_head.") else ""
+            report.problem(f"tensor '{name}': missing{why}")
+    shipped = [n for n in optional if n in tensors]
+    if len(shipped) == 1:
+        report.note(f"only {shipped[0]} is shipped; the engine takes the other from the target")
+    elif not shipped:
+        report.note("embed_tokens/lm_head not shipped: the engine shares the target's")
+
+
+def validate(path: str, engines=ENGINES) -> Report:
+    report = Report()
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        report.problem(f"{path} is not a directory")
+        return report
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        report.problem("no config.json")
+        return report
+    except json.JSONDecodeError as e:
+        report.problem(f"config.json is not valid JSON ({e})")
+        return report
+    if not isinstance(cfg, dict):
+        report.problem("config.json is not a JSON object")
+        return report
+    shape = check_config(cfg, engines, report)
+    tensors = read_tensor_index(path, report)
+    if shape and tensors:
+        check_tensors(tensors, shape, report)
+    return report
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="validate_hf_export.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("path", help="HF draft directory (config.json + model.safetensors)")
+    p.add_argument("--engine", default="all", choices=["sglang", "vllm", "all"],
+                   help="which serving engine's expectations to check (default: both)")
+    p.add_argument("--quiet", action="store_true", help="print problems only")
+    args = p.parse_args(argv)
+    engines = ENGINES if args.engine == "all" else (args.engine,)
+    report = validate(args.path, engines)
+    if not args.quiet:
+        for note in report.notes:
+            print(f"note: {note}")
+    for problem in report.problems:
+        print(f"PROBLEM: {problem}")
+    verdict = "OK" if not report.problems else f"{len(report.problems)} problem(s)"
+    print(f"{args.path}: {verdict} (checked for {', '.join(engines)})")
+    return 1 if report.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
