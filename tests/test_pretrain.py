@@ -198,3 +198,20 @@ def test_short_run_against_real_smollm2(tmp_path):
     assert sorted(train) == [1, 2, 3] and all(v == v and v > 0 for v in train.values())
     assert losses(log, "eval")
     assert (tmp_path / "ckpt" / "latest").read_text() == "iter_0000003"
+
+
+def test_load_hf_draft_continues_from_exported_weights(tmp_path, tiny_llama_dir, data_dir):
+    """train → export to HF → --load-hf-draft: the held-out loss of the exported weights
+    is reproduced exactly (lr 0 keeps them unchanged for the evaluation)."""
+    ckpt, hf, log_a, log_b = tmp_path / "ckpt", tmp_path / "hf", tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    common = base_flags(tiny_llama_dir, data_dir, "--global-batch-size", "2", "--eval-iters", "2")
+    _ok(run(1, *common, "--train-iters", "2", "--eval-interval", "2", "--save", str(ckpt),
+            "--log-jsonl", str(log_a)))
+    subprocess.run([sys.executable, str(REPO / "tools/convert_checkpoint_to_hf.py"), "--load", str(ckpt),
+                    "--output", str(hf)], check=True, capture_output=True, text=True, timeout=300)
+    flags = list(common)
+    flags[flags.index("--lr") + 1] = "0"
+    _ok(run(2, *flags, "--tensor-model-parallel-size", "2", "--train-iters", "1", "--eval-interval", "1",
+            "--load-hf-draft", str(hf), "--log-jsonl", str(log_b)))
+    a, b = losses(log_a, "eval"), losses(log_b, "eval")
+    assert b[1] == pytest.approx(a[2], rel=1e-5), (a, b)
