@@ -1,7 +1,6 @@
 """Data: chat rendering + loss masks, input forms, prepare_data, dataset, collate, sampler."""
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from megaspark.data import (
     render_and_mask,
     supervised_text,
 )
+from tests.tiny_models import single_thread
 
 REPO = Path(__file__).resolve().parents[1]
 EOT = "<|im_end|>"
@@ -26,6 +26,12 @@ CONV = [
     {"role": "user", "content": "What is the capital of France?"},
     {"role": "assistant", "content": "Paris.\n\nIt is also the largest city."},
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

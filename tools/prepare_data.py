@@ -120,9 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sampling temperature; 0 (default) = greedy decoding.")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0 = off).")
     gen.add_argument("--top-k", type=int, default=0, help="top-k sampling (default 0 = off).")
-    gen.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                     help="dtype of the target for generation (default float32).")
+    gen.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                     help="dtype of the target for generation. 'auto' (default): bfloat16 on a GPU "
+                          "or on a CPU with native bf16 support (about 4x faster than float32 on "
+                          "such CPUs; targets are served in bf16 anyway), else float32.")
     gen.add_argument("--device", default="cpu", help="device for generation (default cpu).")
+    gen.add_argument("--threads", default="auto",
+                     help="CPU threads for generation (torch.set_num_threads). 'auto' (default): "
+                          "torch's choice (one per core) on an idle machine, but 1 when the load "
+                          "average shows other jobs on at least half the cores: OpenMP teams stall "
+                          "badly on oversubscribed cores (measured 20-50x slower per op).")
 
     out = p.add_argument_group("output")
     out.add_argument("--output", "-o", default=None,
@@ -160,6 +167,8 @@ def resolve_args(argv=None) -> argparse.Namespace:
     for name in ("max_length", "max_new_tokens", "gen_batch_size", "max_turns"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.threads != "auto" and (not args.threads.isdigit() or int(args.threads) <= 0):
+        parser.error("--threads must be 'auto' or a positive integer")
     if args.max_samples is not None and args.max_samples <= 0:
         parser.error("--max-samples must be positive")
     try:
@@ -245,6 +254,31 @@ def select_subset(convs: list[dict], max_samples, seed: int) -> list[dict]:
 
 # --------------------------------------------------------------------------- generation
 
+def generation_dtype(name: str, device: str):
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if str(device).startswith("cuda"):
+        return torch.bfloat16
+    try:
+        native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native_bf16 = False
+    return torch.bfloat16 if native_bf16 else torch.float32
+
+
+def generation_threads(value: str):
+    """``--threads`` -> a thread count, or None to keep torch's default."""
+    if value != "auto":
+        return int(value)
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    return 1 if busy >= 0.5 * (os.cpu_count() or 1) else None
+
+
 class Regenerator:
     """Batched, left-padded generation of assistant answers with the target."""
 
@@ -255,7 +289,8 @@ class Regenerator:
         self.torch = torch
         self.args = args
         self.tok = tokenizer
-        dtype = getattr(torch, args.dtype)
+        dtype = generation_dtype(args.dtype, args.device)
+        self.dtype = dtype
         self.model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=dtype, local_files_only=True).to(args.device).eval()
         stop = set()
@@ -428,11 +463,15 @@ def main(argv=None) -> int:
         import torch
 
         torch.manual_seed(args.seed)
+        threads = generation_threads(args.threads)
+        if threads:
+            torch.set_num_threads(threads)
+            log(f"generation uses {threads} CPU thread(s)")
         regen = Regenerator(model_dir, tokenizer, args)
         t0 = time.time()
         convs = regenerate_all(convs, tokenizer, regen, args, stats)
         t_gen = time.time() - t0
-        log(f"generated {stats['generated_answers']} answers in {t_gen:.0f} s "
+        log(f"generated {stats['generated_answers']} answers ({str(regen.dtype)[6:]}) in {t_gen:.0f} s "
             f"({stats['truncated_answers']} cut off at --max-new-tokens {args.max_new_tokens})")
         del regen
 
@@ -472,10 +511,17 @@ def main(argv=None) -> int:
     template = tokenizer.chat_template
     if isinstance(template, dict):
         template = json.dumps(template, sort_keys=True)
+    import logging
+
+    builtin_log = logging.getLogger("megaspark.targets.builtin")
+    level = builtin_log.level
+    builtin_log.setLevel(logging.ERROR)  # only a suggestion here: no fallback warnings
     try:
         mask_token_id = default_mask_token_id(tokenizer, config)
     except ValueError:
         mask_token_id = None
+    finally:
+        builtin_log.setLevel(level)
     meta = {
         "format_version": 1,
         "target": args.target_model,

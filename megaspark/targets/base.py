@@ -19,7 +19,6 @@ import json
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-import torch
 from torch import Tensor
 
 # Config keys that do not change what the target computes (paths, bookkeeping,
