@@ -25,14 +25,19 @@ def model_provider(args, dcfg, pre_process=True, post_process=True, vp_stage=Non
             # pair of ranks in one batched exchange, where they can be matched crosswise;
             # megatron's unbatched even/odd ordering keeps them apart.
             extra["batch_p2p_comm"] = False
+    from megaspark.fp8 import fp8_transformer_config_kwargs
+    from megaspark.models.dspark.te_spec import select_layer_spec
+
+    extra.update(fp8_transformer_config_kwargs(args))
     tcfg = dcfg.transformer_config(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         bf16=args.bf16,
         **extra,
     )
+    spec = select_layer_spec(getattr(args, "transformer_impl", None), dcfg.qk_norm)
     model = DSparkModel(tcfg, dcfg, pre_process=pre_process, post_process=post_process,
-                        seed=args.seed, vp_stage=vp_stage)
+                        seed=args.seed, vp_stage=vp_stage, layer_spec=spec)
     return model, tcfg
 
 
@@ -62,12 +67,14 @@ def main(argv=None):
     from megaspark.config import ConfigError
     from megaspark.data.chat import DataError
     from megaspark.export.hf import ExportError
+    from megaspark.models.dspark.te_spec import TransformerEngineUnavailableError
     from megaspark.training.checkpointing import CheckpointError
     from megaspark.training.pretrain import pretrain
 
     try:
         pretrain(model_provider, forward_step, argv)
-    except (ArgumentError, ConfigError, CheckpointError, DataError, ExportError) as e:
+    except (ArgumentError, ConfigError, CheckpointError, DataError, ExportError,
+            TransformerEngineUnavailableError) as e:
         print(f"pretrain_dspark.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:

@@ -103,11 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--bf16", action="store_true", help="bf16 parameters with fp32 master weights (GPU)")
-    g.add_argument("--fp8-format", default=None, choices=["e4m3", "hybrid"],
-                   help="FP8 training through Transformer Engine (GPU only)")
 
+    from megaspark.fp8 import add_fp8_arguments
     from megaspark.targets.sglang import add_sglang_arguments
 
+    add_fp8_arguments(p)
     add_sglang_arguments(p)
 
     g = p.add_argument_group("checkpointing, evaluation and logging")
@@ -221,8 +221,9 @@ def validate_args(args, world_size: int) -> None:
          "--confidence-without-markov or --no-confidence-head")
     from megaspark import platform
 
-    if args.fp8_format is not None:
-        platform.require_gpu("--fp8-format", "Transformer Engine FP8")
+    from megaspark.fp8 import validate_fp8_args
+
+    validate_fp8_args(args)
     if args.bf16:
         platform.require_gpu("--bf16", "bf16 training with fp32 master weights")
     if args.target_backend == "sglang":

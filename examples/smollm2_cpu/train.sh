@@ -15,10 +15,10 @@ exec torchrun --nproc-per-node 2 pretrain_dspark.py \
   --target-model builtin:smollm2-135m \
   --data-path "$DATA" \
   --tensor-model-parallel-size 2 \
-  --num-layers 2 --block-size 7 --num-anchors 64 --markov-rank 64 \
-  --seq-length 384 --micro-batch-size 2 --global-batch-size 8 \
-  --train-iters "${TRAIN_ITERS:-100}" --lr 6e-4 --lr-warmup-fraction 0.04 --lr-decay-style cosine \
-  --log-interval 5 --eval-interval 25 --eval-iters 4 \
-  --save "$OUT/checkpoints" --save-interval 25 \
+  --num-layers 2 --block-size 7 --num-anchors 32 --markov-rank 64 \
+  --seq-length 256 --micro-batch-size 2 --global-batch-size 4 \
+  --train-iters "${TRAIN_ITERS:-40}" --lr 1e-3 --lr-warmup-fraction 0.05 --lr-decay-style cosine \
+  --log-interval 5 --eval-interval 20 --eval-iters 4 \
+  --save "$OUT/checkpoints" --save-interval 20 \
   --tensorboard-dir "$OUT/tensorboard" --log-jsonl "$OUT/metrics.jsonl" \
   "$@"

@@ -12,7 +12,9 @@ layout, micro-batch size or resume point.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 from dataclasses import dataclass
 import torch
 
@@ -92,7 +94,8 @@ def broadcast_target_output(output, shape_like: MicroBatch, dcfg: DSparkConfig, 
 
 def global_denominator(inputs: list, group=None) -> torch.Tensor:
     """Σω over the given micro-batches, summed over ``group`` (the DP group)."""
-    total = torch.zeros((), dtype=torch.float64)
+    device = inputs[0].weights.device if inputs else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float64, device=device)  # nccl needs device tensors
     for x in inputs:
         total += x.weights.double().sum()
     if group is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
@@ -113,10 +116,39 @@ def prepare_micro_batches(
     compute = parallel_state.get_tensor_model_parallel_rank() == 0
     inputs = []
     for mb in micro_batches:
-        out = target.compute(mb.input_ids) if (compute and target is not None) else None
+        out = None
+        if compute and target is not None:
+            with _borrow_tp_peers_threads():
+                out = target.compute(mb.input_ids)
         out = broadcast_target_output(out, mb, dcfg, compute)
-        inputs.append(make_draft_inputs(mb, dcfg, seed, target_output=out))
+        inputs.append(make_draft_inputs(mb, dcfg, seed, target_output=out).to(_device()))
     return inputs, global_denominator(inputs, dp_group)
+
+
+def _device():
+    from megaspark import platform
+
+    return platform.default_device()
+
+
+@contextlib.contextmanager
+def _borrow_tp_peers_threads():
+    """On CPU, while TP rank 0 runs the target its TP peers only wait for the broadcast:
+    let the target use their cores too."""
+    from megatron.core import parallel_state
+
+    from megaspark import platform
+
+    before = torch.get_num_threads()
+    wanted = before * parallel_state.get_tensor_model_parallel_world_size()
+    if platform.gpu_available() or wanted == before:
+        yield
+        return
+    torch.set_num_threads(min(os.cpu_count() or wanted, wanted))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def collate_micro_batch(samples: list, seq_length: int, pad_id: int, stream_positions: list) -> MicroBatch:

@@ -10,6 +10,7 @@ import os
 
 import torch
 
+from megaspark import platform
 from megaspark.arguments import parse_args
 
 
@@ -47,6 +48,8 @@ def build_model_chunks(args, dcfg, model_provider):
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
         chunk, tcfg = model_provider(args, dcfg, pre_process=pre, post_process=post, vp_stage=stage)
+        if platform.gpu_available():  # weights are initialised on the CPU (layout-independent)
+            chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)
     return chunks, tcfg
 

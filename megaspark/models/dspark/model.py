@@ -71,6 +71,14 @@ class DraftInputs:
     target_hidden: Optional[torch.Tensor] = None  # [b, N, B, H] aligned post-norm target state
 
     @classmethod
+    def to(self, device) -> "DraftInputs":
+        """Move every tensor field to ``device`` (GPU runs; CPU tensors stay put)."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value.to(device, non_blocking=True))
+        return self
+
+    @classmethod
     def from_blocks(cls, blocks: Blocks, context_features=None, target_last_hidden=None):
         """Assemble inputs from block construction and the target's hidden states.
         ``target_last_hidden`` [b, S, H] is gathered at the aligned indices (§3.6)."""
@@ -254,10 +262,13 @@ class DSparkModel(MegatronModule):
     def forward(self, inputs: DraftInputs):
         """Non-last stage: the hidden tensor for the next stage. Last stage: the draft hidden
         states h [b, N, B, H] if no labels were given, else the :class:`LossSums`."""
+        from megaspark.fp8 import fp8_context
+
         hidden = self.embed(inputs) if self.pre_process else self.input_tensor
         attn_inputs = self.attention_inputs(inputs)
-        for layer in self.layers:
-            hidden = layer(hidden, attn_inputs)
+        with fp8_context(self.config):  # only the draft layers; heads and losses stay out
+            for layer in self.layers:
+                hidden = layer(hidden, attn_inputs)
         if not self.post_process:
             return hidden
         h = self.final_hidden(hidden, inputs)
