@@ -68,13 +68,14 @@ def main(argv=None):
     from megaspark.data.chat import DataError
     from megaspark.export.hf import ExportError
     from megaspark.models.dspark.te_spec import TransformerEngineUnavailableError
+    from megaspark.targets.offline import HiddenStatesCacheError
     from megaspark.training.checkpointing import CheckpointError
     from megaspark.training.pretrain import pretrain
 
     try:
         pretrain(model_provider, forward_step, argv)
     except (ArgumentError, ConfigError, CheckpointError, DataError, ExportError,
-            TransformerEngineUnavailableError) as e:
+            TransformerEngineUnavailableError, HiddenStatesCacheError) as e:
         print(f"pretrain_dspark.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:

@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: DFlash rule with --num-target-taps taps")
     g.add_argument("--num-target-taps", type=int, default=5,
                    help="number of tapped target layers when --target-layer-ids is not given")
+    g.add_argument("--hidden-states-dir", default=None,
+                   help="with --target-backend offline: the cache written by "
+                   "tools/precompute_hidden_states.py for this target, layer ids and --data-path")
     g.add_argument("--mask-token-id", type=int, default=None,
                    help="block mask token id (default: chosen from the target's vocabulary)")
 
@@ -228,7 +231,13 @@ def validate_args(args, world_size: int) -> None:
         platform.require_gpu("--bf16", "bf16 training with fp32 master weights")
     if args.target_backend == "sglang":
         platform.require_gpu("--target-backend sglang", "a co-located SGLang engine")
-    need(args.target_backend != "offline",
-         "--target-backend offline is not available yet; use --target-backend hf")
+    need(args.target_backend != "offline" or args.hidden_states_dir is not None,
+         "--target-backend offline needs --hidden-states-dir DIR (run tools/precompute_hidden_states.py)")
+    need(args.hidden_states_dir is None or args.target_backend == "offline",
+         "--hidden-states-dir is only read with --target-backend offline")
+    need(args.hidden_states_dir is None
+         or os.path.isfile(os.path.join(args.hidden_states_dir, "manifest.json")),
+         f"--hidden-states-dir {args.hidden_states_dir} has no manifest.json: not a complete cache "
+         "(run or finish tools/precompute_hidden_states.py)")
     if args.distributed_backend == "nccl":
         platform.require_gpu("--distributed-backend nccl", "NCCL")

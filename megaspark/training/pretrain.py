@@ -27,6 +27,10 @@ def load_target(args):
     if torch.distributed.get_rank() == 0:
         resolve_target(args.target_model)
     torch.distributed.barrier()
+    if args.target_backend == "offline":
+        from megaspark.targets.offline import build_offline_target
+
+        return build_offline_target(args)
     if args.target_backend == "sglang":
         from megaspark.targets.sglang import build_sglang_target
 

@@ -70,7 +70,6 @@ class DraftInputs:
     eval_mask: Optional[torch.Tensor] = None
     target_hidden: Optional[torch.Tensor] = None  # [b, N, B, H] aligned post-norm target state
 
-    @classmethod
     def to(self, device) -> "DraftInputs":
         """Move every tensor field to ``device`` (GPU runs; CPU tensors stay put)."""
         for name, value in vars(self).items():
