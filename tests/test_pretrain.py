@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.tiny_models import make_tiny_target
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -172,6 +174,10 @@ def test_bad_input_is_refused_clearly(tmp_path, tiny_llama_dir, data_dir):
     other = base_flags(tiny_llama_dir, data_dir, "--train-iters", "2")
     other[other.index("--num-layers") + 1] = "1"
     _fails(run(1, *other, "--load", str(ckpt)), "different draft shape", "num_layers")
+    # a checkpoint of another target (same shapes, different weights/config) is refused
+    other_target = make_tiny_target(tmp_path / "other", family="llama", seed=1, num_layers=7)
+    _fails(run(1, *base_flags(other_target, data_dir, "--train-iters", "2"), "--load", str(ckpt)),
+           "different target")
 
 
 @pytest.mark.slow
