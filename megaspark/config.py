@@ -392,35 +392,22 @@ def tp_friendly_attention_shape(hidden: int, heads: int, kv_heads: int, head_dim
 
 
 def default_target_layer_ids(num_target_layers: int, n: int) -> list:
-    """DFlash's default taps (DSPARK_SPEC.md §1.2): n=1 → [N//2]; else evenly 1…N−3."""
-    if n < 1:
-        raise ConfigError("the number of target layers to tap must be >= 1")
-    if num_target_layers < 4 and n > 1:
-        raise ConfigError(f"a {num_target_layers}-layer target is too shallow for {n} taps")
-    if n == 1:
-        return [num_target_layers // 2]
-    return [int(round(1 + i * (num_target_layers - 4) / (n - 1))) for i in range(n)]
+    """DFlash's default taps (DSPARK_SPEC.md §1.2): n=1 → [N//2]; else evenly 1…N−3.
+    (The rule lives in :mod:`megaspark.targets.base`; here its errors name the flags.)"""
+    from megaspark.targets import base
+
+    try:
+        return base.default_target_layer_ids(num_target_layers, n)
+    except ValueError as e:
+        raise ConfigError(f"--num-target-taps / --target-layer-ids: {e}") from None
 
 
 def validate_target_layer_ids(ids, num_target_layers: int) -> None:
     """Layer id k = output of target decoder layer k = HF hidden_states[k+1] (DESIGN.md
-    decision 2). Valid ids lie in [0, N−2]: the embedding (−1) and the last layer's raw
-    output are not captured by serving engines, so a draft trained on them cannot be served.
-    """
-    ids = list(ids)
-    _check(len(ids) > 0, "--target-layer-ids must not be empty")
-    _check(
-        all(isinstance(i, int) for i in ids), f"--target-layer-ids must be integers, got {ids}"
-    )
-    _check(
-        all(b > a for a, b in zip(ids, ids[1:])),
-        f"--target-layer-ids must be strictly increasing, got {ids}",
-    )
-    _check(num_target_layers >= 2, f"target has {num_target_layers} layers; need at least 2")
-    bad = [i for i in ids if i < 0 or i > num_target_layers - 2]
-    _check(
-        not bad,
-        f"--target-layer-ids {bad} out of range: valid ids are 0..{num_target_layers - 2} for a "
-        f"{num_target_layers}-layer target (id k is the output of decoder layer k; the embedding "
-        "and the last layer's raw output cannot be captured by serving engines)",
-    )
+    decision 2); valid ids lie in [0, N−2]. Errors name ``--target-layer-ids``."""
+    from megaspark.targets import base
+
+    try:
+        base.validate_target_layer_ids(list(ids), num_target_layers)
+    except ValueError as e:
+        raise ConfigError(f"--target-layer-ids: {e}") from None

@@ -250,13 +250,15 @@ def test_default_target_layer_ids():
     assert default_target_layer_ids(40, 5) == [1, 10, 19, 28, 37]
     assert default_target_layer_ids(28, 5) == [1, 7, 13, 19, 25]
     assert default_target_layer_ids(64, 5) == [1, 16, 31, 46, 61]
-    for n in (2, 3, 7, 12, 36, 40, 64):
+    for n in (3, 7, 12, 36, 40, 64):  # N=2: [1] would be the last layer, refused
         assert default_target_layer_ids(n, 1) == [n // 2]
-    for n in range(4, 80):
+    for n in range(8, 80):  # deep enough for 5 distinct taps
         ids = default_target_layer_ids(n, 5)
-        if n >= 8:  # deep enough for 5 distinct taps
-            validate_target_layer_ids(ids, n)
+        validate_target_layer_ids(ids, n)
         assert ids[0] == 1 and ids[-1] == n - 3
+    for n in range(4, 8):  # the rule would repeat ids: refused, naming the flags
+        with pytest.raises(ConfigError, match="--num-target-taps"):
+            default_target_layer_ids(n, 5)
     with pytest.raises(ConfigError):
         default_target_layer_ids(36, 0)
     with pytest.raises(ConfigError):
