@@ -14,18 +14,32 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-# Families whose decoder block the draft reproduces (pre-norm RMSNorm, GQA, RoPE, SwiGLU).
-# value: (per-head q/k RMSNorm, q/k/v projection bias default)
+# Families whose decoder block the draft reproduces (pre-norm RMSNorm, GQA or MLA, RoPE,
+# SwiGLU). value: (per-head q/k RMSNorm, q/k/v projection bias default)
 SUPPORTED_FAMILIES = {
     "llama": (False, None),
     "mistral": (False, None),
     "qwen2": (False, True),
     "qwen3": (True, None),
+    "deepseek_v2": (False, None),
+    "deepseek_v3": (False, None),
 }
+# Targets with multi-head latent attention: their draft defaults to --draft-attention mla
+# with the target's latent dims (and the dense layers' SwiGLU width).
+MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
 CONVENTIONS = ("S", "D")
 ATTENTION_BACKENDS = ("structured", "dense")
-SUPPORTED_ROPE_TYPES = ("default", "linear")
+ATTENTION_TYPES = ("gqa", "mla")
+TRAINING_MODES = ("standard", "vp_drafter")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
+MLA_FLAGS = {
+    "q_lora_rank": "--q-lora-rank",
+    "kv_lora_rank": "--kv-lora-rank",
+    "qk_nope_head_dim": "--qk-nope-head-dim",
+    "qk_rope_head_dim": "--qk-rope-head-dim",
+    "v_head_dim": "--v-head-dim",
+}
 
 
 class ConfigError(ValueError):
@@ -66,6 +80,23 @@ class DSparkConfig:
     alpha_ce: float = 0.1
     alpha_l1: float = 0.9
     alpha_conf: float = 1.0
+    # ---- training mode (§10): "vp_drafter" shows a sampled prefix of real tokens per block ----
+    training_mode: str = "standard"
+    prefix_weight_base: float = 0.9
+    # ---- draft attention: "gqa" (the target's block) or "mla" (DeepSeek-V3 latent attention) ----
+    # For "mla" (models/dspark/mla.py) num_query_groups == num_attention_heads and kv_channels
+    # (HF "head_dim") == qk_rope_head_dim, the rotary dim, as in transformers' DeepseekV3Config;
+    # the GQA-only q/k norms and biases are off. For "gqa" the five MLA dims are 0.
+    attention_type: str = "gqa"
+    q_lora_rank: int = 0  # mla: 0 = queries projected directly (HF q_proj), no low-rank compression
+    kv_lora_rank: int = 0  # mla: width of the compressed KV latent (kv_a_proj_with_mqa)
+    qk_nope_head_dim: int = 0  # mla: per-head query/key dims without RoPE
+    qk_rope_head_dim: int = 0  # mla: per-head query dims with RoPE (the key part is shared)
+    v_head_dim: int = 0  # mla: per-head value dim
+    # YaRN RoPE (rope_type "yarn"), resolved by :func:`yarn_parameters`: factor,
+    # original_max_position_embeddings, beta_fast, beta_slow, mscale, mscale_all_dim,
+    # attention_factor (cos/sin multiplier), truncate. None: no YaRN.
+    rope_yarn: Optional[dict] = None
     # ---- implementation ----
     attention_backend: str = "structured"
     attention_chunk_blocks: int = 64
@@ -76,6 +107,36 @@ class DSparkConfig:
     @property
     def head_dim(self) -> int:
         return self.kv_channels
+
+    @property
+    def is_mla(self) -> bool:
+        return self.attention_type == "mla"
+
+    @property
+    def rope_head_dim(self) -> int:
+        """Rotary dimension: the whole head (GQA) or ``qk_rope_head_dim`` (MLA)."""
+        return self.qk_rope_head_dim if self.is_mla else self.kv_channels
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head query/key width entering the dot product."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.is_mla else self.kv_channels
+
+    @property
+    def value_head_dim(self) -> int:
+        return self.v_head_dim if self.is_mla else self.kv_channels
+
+    @property
+    def softmax_scale(self) -> float:
+        """Attention scale: ``qk_head_dim^-1/2``; for MLA with YaRN times ``mscale²`` with
+        ``mscale = 0.1·mscale_all_dim·ln(factor) + 1`` (transformers' DeepSeek-V2/V3
+        ``yarn_apply_mscale``). GQA keeps ``hd^-1/2`` under YaRN (Llama/Qwen semantics:
+        YaRN's attention factor scales cos/sin instead)."""
+        scale = self.qk_head_dim**-0.5
+        if self.is_mla and self.rope_yarn and self.rope_yarn.get("mscale_all_dim"):
+            m = yarn_get_mscale(self.rope_yarn["factor"], self.rope_yarn["mscale_all_dim"])
+            scale = scale * m * m
+        return scale
 
     @property
     def context_width(self) -> int:
@@ -102,7 +163,23 @@ class DSparkConfig:
             f"--num-attention-heads ({self.num_attention_heads}) must be a multiple of "
             f"--num-query-groups ({self.num_query_groups})",
         )
-        _check(self.kv_channels % 2 == 0, f"--kv-channels ({self.kv_channels}) must be even for RoPE")
+        _check(
+            self.attention_type in ATTENTION_TYPES,
+            f"--draft-attention must be one of {ATTENTION_TYPES}, got {self.attention_type!r}",
+        )
+        if self.is_mla:
+            self._validate_mla()
+        else:
+            _check(self.kv_channels % 2 == 0, f"--kv-channels ({self.kv_channels}) must be even for RoPE")
+            given = [flag for attr, flag in MLA_FLAGS.items() if getattr(self, attr)]
+            _check(not given, f"{', '.join(given)} only apply to --draft-attention mla")
+        if self.rope_yarn is not None:
+            _check(
+                isinstance(self.rope_yarn, dict) and set(YARN_KEYS) <= set(self.rope_yarn)
+                and float(self.rope_yarn["factor"]) > 0,
+                f"rope_yarn must be a dict with {YARN_KEYS} and factor > 0 "
+                "(see megaspark.config.yarn_parameters)",
+            )
         _check(tp >= 1, "--tensor-model-parallel-size must be >= 1")
         for name, flag, value in (
             ("attention heads", "--num-attention-heads", self.num_attention_heads),
@@ -159,10 +236,51 @@ class DSparkConfig:
             self.attention_backend in ATTENTION_BACKENDS,
             f"--draft-attention-backend must be one of {ATTENTION_BACKENDS}",
         )
+        _check(
+            self.training_mode in TRAINING_MODES,
+            f"--training-mode must be one of {TRAINING_MODES}, got {self.training_mode!r}",
+        )
+        if self.training_mode == "vp_drafter":
+            _check(
+                self.convention == "D",
+                "--training-mode vp_drafter is a Convention-D (original DFlash) objective: use "
+                "--algorithm dflash-original or --slot-convention D",
+            )
+            _check(
+                self.prefix_weight_base > 0 and math.isfinite(self.prefix_weight_base),
+                f"--prefix-weight-base must be a finite value > 0, got {self.prefix_weight_base}",
+            )
         _check(self.attention_chunk_blocks >= 1, "--attention-chunk-blocks must be >= 1")
         _check(self.loss_chunk_rows >= 1, "--loss-chunk-rows must be >= 1")
         _check(self.rope_scaling_factor > 0, "RoPE scaling factor must be positive")
         return self
+
+    def _validate_mla(self) -> None:
+        _check(self.kv_lora_rank > 0, f"--kv-lora-rank must be > 0 for --draft-attention mla, "
+                                      f"got {self.kv_lora_rank}")
+        _check(
+            self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
+            f"--qk-rope-head-dim must be even and > 0 for --draft-attention mla (RoPE rotates "
+            f"pairs), got {self.qk_rope_head_dim}",
+        )
+        _check(self.qk_nope_head_dim >= 0, f"--qk-nope-head-dim must be >= 0, got {self.qk_nope_head_dim}")
+        _check(self.v_head_dim > 0,
+               f"--v-head-dim must be > 0 for --draft-attention mla, got {self.v_head_dim}")
+        _check(self.q_lora_rank >= 0, f"--q-lora-rank must be >= 0 (0: no query compression), "
+                                      f"got {self.q_lora_rank}")
+        _check(
+            self.num_query_groups == self.num_attention_heads,
+            f"--draft-attention mla has no KV groups: --num-query-groups ({self.num_query_groups}) "
+            f"must equal --num-attention-heads ({self.num_attention_heads})",
+        )
+        _check(
+            self.kv_channels == self.qk_rope_head_dim,
+            f"with --draft-attention mla, kv_channels (HF head_dim, {self.kv_channels}) is the rotary "
+            f"head dim and must equal --qk-rope-head-dim ({self.qk_rope_head_dim})",
+        )
+        _check(not self.qk_norm, "--draft-attention mla has no per-head q/k norms (qk_norm must be off)")
+        _check(not self.attention_bias, "--draft-attention mla has no projection biases "
+                                        "(attention_bias must be off)")
 
     # ------------------------------------------------------------------ megatron
     def transformer_config(
@@ -244,7 +362,8 @@ class DSparkConfig:
             "kv_channels", "ffn_hidden_size", "vocab_size", "qk_norm", "attention_bias",
             "target_layer_ids", "num_target_layers", "block_size", "markov_rank",
             "markov_head_type", "confidence_head", "confidence_with_markov", "convention",
-            "target_model_type",
+            "target_model_type", "attention_type", "q_lora_rank", "kv_lora_rank",
+            "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
         )
         return {k: getattr(self, k) for k in keys}
 
@@ -261,16 +380,40 @@ class DSparkConfig:
         ffn_hidden_size: Optional[int] = None,
         target_layer_ids: Optional[list] = None,
         num_target_taps: int = 5,
+        attention_type: Optional[str] = None,
+        q_lora_rank: Optional[int] = None,
+        kv_lora_rank: Optional[int] = None,
+        qk_nope_head_dim: Optional[int] = None,
+        qk_rope_head_dim: Optional[int] = None,
+        v_head_dim: Optional[int] = None,
         **algorithm: Any,
     ) -> "DSparkConfig":
-        """Derive the draft from the target's HF (text) config, with Megatron-style overrides.
+        """Derive the draft from the target's HF (text) config, with Megatron-style overrides
+        (``None`` = the default described here).
 
-        The draft copies the target's hidden size, vocabulary, norms and RoPE. Its
-        attention shape is the target's unless the target's head counts are odd (e.g.
-        SmolLM2-135M: 9 heads / 3 KV heads), which no tensor-parallel size > 1 could
-        split; then a TP-friendly shape of the same hidden size is chosen (see
-        :func:`tp_friendly_attention_shape`). The choice never depends on the TP size,
-        so every parallel layout trains the same model.
+        The draft copies the target's hidden size, vocabulary, norms and RoPE (default,
+        linear or YaRN). Its attention shape is the target's unless the target's head counts
+        are odd (e.g. SmolLM2-135M: 9 heads / 3 KV heads), which no tensor-parallel size > 1
+        could split; then a TP-friendly shape of the same hidden size is chosen (see
+        :func:`tp_friendly_attention_shape`). The choice never depends on the TP size, so
+        every parallel layout trains the same model.
+
+        ``attention_type`` (``--draft-attention``): default ``"mla"`` for DeepSeek-V2/V3
+        targets, else ``"gqa"``.
+
+        * MLA draft of a DeepSeek target: the target's heads, ``q_lora_rank`` (None → 0),
+          ``kv_lora_rank``, ``qk_nope_head_dim``, ``qk_rope_head_dim``, ``v_head_dim`` and
+          its dense layers' ``intermediate_size`` for the SwiGLU MLP.
+        * MLA draft of a GQA target: the heads of the GQA shape above (head dim ``hd``) and
+          DeepSeek-V3's proportions relative to its 128-wide heads (nope 128, rope 64,
+          v 128, kv latent 512): ``qk_nope_head_dim = v_head_dim = hd``,
+          ``qk_rope_head_dim = hd/2`` (rounded down to even, at least 2),
+          ``kv_lora_rank = 4·hd``, ``q_lora_rank = 0`` (queries projected directly; the
+          draft is small). SmolLM2-135M → 8 heads, nope 72, rope 36, v 72, latent 288.
+        * GQA draft of a DeepSeek target: ``v_head_dim`` as the head dim and the target's
+          heads as both query and KV heads (then made TP-friendly as above).
+
+        Any explicit MLA dimension overrides the default; they are refused for GQA drafts.
         """
         cfg = getattr(hf_config, "text_config", None) or hf_config
         model_type = getattr(cfg, "model_type", None)
@@ -279,13 +422,30 @@ class DSparkConfig:
                 f"unsupported target family '{model_type}'; supported: "
                 f"{', '.join(sorted(SUPPORTED_FAMILIES))}"
             )
+        mla_target = model_type in MLA_FAMILIES
+        if attention_type is None:
+            attention_type = "mla" if mla_target else "gqa"
+        if attention_type not in ATTENTION_TYPES:
+            raise ConfigError(f"--draft-attention must be one of {ATTENTION_TYPES}, got {attention_type!r}")
+        mla_given = dict(q_lora_rank=q_lora_rank, kv_lora_rank=kv_lora_rank,
+                         qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
+                         v_head_dim=v_head_dim)
+        if attention_type == "gqa":
+            given = [MLA_FLAGS[k] for k, v in mla_given.items() if v is not None]
+            if given:
+                raise ConfigError(f"{', '.join(given)} only apply to --draft-attention mla")
         qk_norm, bias_default = SUPPORTED_FAMILIES[model_type]
         hidden = int(cfg.hidden_size)
         heads = int(cfg.num_attention_heads)
         kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
-        head_dim = int(getattr(cfg, "head_dim", None) or hidden // heads)
+        if mla_target:
+            # DeepseekV*Config.head_dim is the rotary dim; a GQA head is as wide as a value head
+            head_dim = int(cfg.v_head_dim)
+        else:
+            head_dim = int(getattr(cfg, "head_dim", None) or hidden // heads)
         if num_attention_heads is None and num_query_groups is None and kv_channels is None:
-            heads, kv_heads, head_dim = tp_friendly_attention_shape(hidden, heads, kv_heads, head_dim)
+            if not (mla_target and attention_type == "mla"):
+                heads, kv_heads, head_dim = tp_friendly_attention_shape(hidden, heads, kv_heads, head_dim)
         else:
             if kv_channels is None and num_attention_heads is not None:
                 if (heads * head_dim) % num_attention_heads == 0:
@@ -297,14 +457,34 @@ class DSparkConfig:
                 kv_heads = max(1, heads // ratio) if heads % ratio == 0 else heads
             else:
                 kv_heads = num_query_groups
+        mla = dict.fromkeys(MLA_FLAGS, 0)
+        if attention_type == "mla":
+            if mla_target:
+                defaults = dict(
+                    q_lora_rank=int(getattr(cfg, "q_lora_rank", None) or 0),
+                    kv_lora_rank=int(cfg.kv_lora_rank),
+                    qk_nope_head_dim=int(cfg.qk_nope_head_dim),
+                    qk_rope_head_dim=int(cfg.qk_rope_head_dim),
+                    v_head_dim=int(cfg.v_head_dim),
+                )
+            else:
+                half = head_dim // 2
+                defaults = dict(q_lora_rank=0, kv_lora_rank=4 * head_dim, qk_nope_head_dim=head_dim,
+                                qk_rope_head_dim=max(2, half - half % 2), v_head_dim=head_dim)
+            mla = {k: int(v) if v is not None else defaults[k] for k, v in mla_given.items()}
+            kv_heads = heads  # no KV groups: every head has its own keys/values from the latent
+            head_dim = mla["qk_rope_head_dim"]  # HF DeepseekV3Config.head_dim semantics
+            qk_norm = False
         n_target = int(cfg.num_hidden_layers)
         layer_ids = list(target_layer_ids) if target_layer_ids is not None else default_target_layer_ids(
             n_target, num_target_taps
         )
-        theta, factor = _rope_params(cfg)
+        theta, factor, yarn = rope_settings(cfg)
         attention_bias = getattr(cfg, "attention_bias", None)
         if attention_bias is None:
             attention_bias = bool(bias_default)
+        if attention_type == "mla":
+            attention_bias = False
         return cls(
             hidden_size=hidden,
             num_layers=num_layers if num_layers is not None else 5,
@@ -316,12 +496,15 @@ class DSparkConfig:
             rms_norm_eps=float(getattr(cfg, "rms_norm_eps", 1e-6)),
             rope_theta=theta,
             rope_scaling_factor=factor,
+            rope_yarn=yarn,
             qk_norm=qk_norm,
             attention_bias=bool(attention_bias),
             max_position_embeddings=int(getattr(cfg, "max_position_embeddings", 4096)),
             target_model_type=model_type,
             num_target_layers=n_target,
             target_layer_ids=layer_ids,
+            attention_type=attention_type,
+            **mla,
             **algorithm,
         )
 
@@ -340,23 +523,74 @@ def _normal_init(std: float):
     return init_
 
 
-def _rope_params(cfg) -> tuple[float, float]:
-    """(theta, linear scaling factor) from a transformers 4.x or 5.x config."""
+YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+             "mscale_all_dim", "attention_factor", "truncate")
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction ``0.1·mscale·ln(scale) + 1`` (1 for scale <= 1)."""
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_parameters(params: dict, max_position_embeddings: int) -> dict:
+    """Resolve a YaRN ``rope_parameters``/``rope_scaling`` dict the way transformers'
+    ``_compute_yarn_parameters`` does: ``factor`` (None → max_positions / original),
+    ``beta_fast``/``beta_slow`` (default 32 / 1), ``truncate`` (default true) and the cos/sin
+    ``attention_factor`` (default ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)``
+    when both are given, else ``mscale(factor)``). ``mscale_all_dim`` also feeds the MLA
+    softmax scale (:attr:`DSparkConfig.softmax_scale`)."""
+    orig = params.get("original_max_position_embeddings") or max_position_embeddings
+    factor = params.get("factor")
+    if factor is None:
+        factor = max_position_embeddings / orig
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_get_mscale(factor)
+    return dict(
+        factor=float(factor),
+        original_max_position_embeddings=int(orig),
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        mscale=float(mscale or 0.0),
+        mscale_all_dim=float(mscale_all_dim or 0.0),
+        attention_factor=float(attention_factor),
+        truncate=bool(params.get("truncate", True)),
+    )
+
+
+def rope_settings(cfg) -> tuple[float, float, Optional[dict]]:
+    """(theta, linear scaling factor, resolved YaRN parameters or None) from a transformers
+    4.x (``rope_theta`` + ``rope_scaling``) or 5.x (``rope_parameters``) config."""
     params = getattr(cfg, "rope_parameters", None) or {}
     scaling = getattr(cfg, "rope_scaling", None) or {}
     if isinstance(params, dict) and params:
         theta = float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
-        rope_type = params.get("rope_type", params.get("type", "default"))
-        factor = float(params.get("factor", 1.0)) if rope_type == "linear" else 1.0
+        source = params
     else:
         theta = float(getattr(cfg, "rope_theta", 10000.0))
-        rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
-        factor = float(scaling.get("factor", 1.0)) if rope_type == "linear" else 1.0
+        source = scaling if isinstance(scaling, dict) else {}
+    rope_type = source.get("rope_type", source.get("type", "default")) if source else "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(
             f"target RoPE type '{rope_type}' is not supported by the draft yet; supported: "
             f"{', '.join(SUPPORTED_ROPE_TYPES)}"
         )
+    factor = float(source.get("factor", 1.0)) if rope_type == "linear" else 1.0
+    yarn = None
+    if rope_type == "yarn":
+        yarn = yarn_parameters(source, int(getattr(cfg, "max_position_embeddings", None) or 4096))
+    return theta, factor, yarn
+
+
+def _rope_params(cfg) -> tuple[float, float]:
+    """(theta, linear scaling factor); see :func:`rope_settings` for YaRN."""
+    theta, factor, _ = rope_settings(cfg)
     return theta, factor
 
 

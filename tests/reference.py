@@ -25,6 +25,11 @@ metrics_from(p_d, p_t, eval_mask, first_slot=0, keep=None) -> dict (spec §6.4)
 Extra (optional) cfg keys understood here: ``weight_scale`` (float, default 1.0:
 multiplies every decay weight, used to test the shared denominator),
 ``num_tapped_layers`` / ``intermediate_size`` (only for ``random_weights``).
+
+MLA draft attention (not in the spec; written from DeepSeek-V2/V3's attention):
+``attention_type="mla"`` with ``q_lora_rank`` (0 = q_proj), ``kv_lora_rank``,
+``qk_nope_head_dim``, ``qk_rope_head_dim``, ``v_head_dim`` and optional ``rope_yarn``
+(see ``_mla_attention``); the rest of the draft is unchanged.
 """
 from __future__ import annotations
 
@@ -227,12 +232,24 @@ def _backbone_one(weights, cfg, feats, noise_ids, positions, mask, dt) -> torch.
     X = weights["embed_tokens.weight"].to(dt)[noise_ids]
 
     cos_all, sin_all = _rope_cos_sin(positions, hd, cfg["rope_theta"], dt)
+    if cfg.get("rope_yarn"):  # YaRN frequencies, cos/sin times the attention factor (HF Llama/Qwen)
+        angles, magnitude = _rope_angles(positions, hd, cfg["rope_theta"], cfg["rope_yarn"])
+        emb = torch.cat([angles, angles], dim=-1)
+        cos_all, sin_all = (emb.cos() * magnitude).to(dt), (emb.sin() * magnitude).to(dt)
     cos_q, sin_q = cos_all[S:], sin_all[S:]
     scale = hd ** -0.5
+    mla = cfg.get("attention_type", "gqa") == "mla"
 
     for i in range(cfg["num_layers"]):
         p = f"layers.{i}."
         Y = rms_norm(X, weights[p + "input_layernorm.weight"], eps)
+        if mla:
+            X = X + _mla_attention(weights, cfg, p, C, Y, positions, mask, dt)
+            Zn = rms_norm(X, weights[p + "post_attention_layernorm.weight"], eps)
+            gate = _linear(Zn, weights, p + "mlp.gate_proj", dt)
+            up = _linear(Zn, weights, p + "mlp.up_proj", dt)
+            X = X + _linear(torch.nn.functional.silu(gate) * up, weights, p + "mlp.down_proj", dt)
+            continue
         q = _linear(Y, weights, p + "self_attn.q_proj", dt).reshape(T, nH, hd)
         kv_in = torch.cat([C, Y], dim=0)  # context first
         k = _linear(kv_in, weights, p + "self_attn.k_proj", dt).reshape(S + T, nKV, hd)
@@ -263,6 +280,84 @@ def _backbone_one(weights, cfg, feats, noise_ids, positions, mask, dt) -> torch.
         X = X + _linear(torch.nn.functional.silu(gate) * up, weights, p + "mlp.down_proj", dt)
 
     return rms_norm(X, weights["norm.weight"], eps)
+
+
+# ----------------------------------------------------------------------------------
+# MLA draft attention (DeepSeek-V2/V3 multi-head latent attention, dual-source)
+# ----------------------------------------------------------------------------------
+def _yarn_mscale(scale: float, mscale: float) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _rope_angles(positions: torch.Tensor, dim: int, theta: float, yarn) -> tuple:
+    """Per-pair rotation angles [T, dim/2] (float64) and the cos/sin magnitude. ``yarn``:
+    dict with factor, original_max_position_embeddings, beta_fast, beta_slow,
+    attention_factor, truncate (the YaRN paper's frequency ramp), or None."""
+    i = torch.arange(0, dim, 2, dtype=torch.float64)
+    freq = 1.0 / theta ** (i / dim)  # pair k rotates with theta^(-2k/dim)
+    magnitude = 1.0
+    if yarn:
+        L0 = yarn["original_max_position_embeddings"]
+        # dimension index at which a pair completes r rotations over the original context
+        def dim_at(r):
+            return dim * math.log(L0 / (2 * math.pi * r)) / (2 * math.log(theta))
+        lo, hi = dim_at(yarn["beta_fast"]), dim_at(yarn["beta_slow"])
+        if yarn.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - lo) / (hi - lo)).clamp(0, 1)
+        freq = freq * (1 - ramp) + (freq / yarn["factor"]) * ramp
+        magnitude = yarn["attention_factor"]
+    return positions.to(torch.float64)[:, None] * freq[None, :], magnitude
+
+
+def _rotate_pairs(x: torch.Tensor, angles: torch.Tensor, magnitude: float) -> torch.Tensor:
+    """Interleaved-pair RoPE in place: dims (2k, 2k+1) rotate by angles[..., k].
+    x [T, ..., d], angles broadcastable to [T, ..., d/2]."""
+    c, s = angles.cos().to(x.dtype) * magnitude, angles.sin().to(x.dtype) * magnitude
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x0 * c - x1 * s, x1 * c + x0 * s], dim=-1).flatten(-2)
+
+
+def _mla_attention(weights, cfg, p, C, Y, positions, mask, dt) -> torch.Tensor:
+    """Dual-source MLA of one layer: queries from the block rows Y [T, H], one compressed
+    latent per row of [C; Y] expanded to per-head keys/values, a rope key shared by all
+    heads, DeepSeek's interleaved-pair RoPE on the rope dims, softmax scale
+    (nope+rope)^-1/2 · mscale(factor, mscale_all_dim)^2 under YaRN. Returns o_proj output [T, H]."""
+    eps = cfg["rms_norm_eps"]
+    nH = cfg["num_heads"]
+    dn, dr, dv = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    r, rq = cfg["kv_lora_rank"], cfg.get("q_lora_rank", 0)
+    yarn = cfg.get("rope_yarn")
+    S, T = C.shape[0], Y.shape[0]
+    a = p + "self_attn."
+    if rq:
+        cq = rms_norm(_linear(Y, weights, a + "q_a_proj", dt), weights[a + "q_a_layernorm.weight"], eps)
+        q = _linear(cq, weights, a + "q_b_proj", dt)
+    else:
+        q = _linear(Y, weights, a + "q_proj", dt)
+    q = q.reshape(T, nH, dn + dr)
+    rows = torch.cat([C, Y], dim=0)
+    compressed = _linear(rows, weights, a + "kv_a_proj_with_mqa", dt)  # [S+T, r+dr]
+    latent = rms_norm(compressed[:, :r], weights[a + "kv_a_layernorm.weight"], eps)
+    kv = _linear(latent, weights, a + "kv_b_proj", dt).reshape(S + T, nH, dn + dv)
+    angles, magnitude = _rope_angles(positions, dr, cfg["rope_theta"], yarn)
+    k_pe = _rotate_pairs(compressed[:, r:], angles, magnitude)  # [S+T, dr], one for all heads
+    q_pe = _rotate_pairs(q[..., dn:], angles[S:, None, :], magnitude)  # [T, nH, dr]
+    scale = (dn + dr) ** -0.5
+    if yarn and yarn.get("mscale_all_dim"):
+        scale *= _yarn_mscale(yarn["factor"], yarn["mscale_all_dim"]) ** 2
+    row_has_key = mask.any(dim=-1)
+    heads = []
+    for h in range(nH):
+        scores = (q[:, h, :dn] @ kv[:, h, :dn].t() + q_pe[:, h] @ k_pe.t()) * scale  # [T, S+T]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = torch.where(row_has_key[:, None], scores, torch.zeros_like(scores))
+        probs = torch.softmax(scores, dim=-1) * mask.to(dt)
+        heads.append(probs @ kv[:, h, dn:])  # [T, dv]
+    return _linear(torch.cat(heads, dim=-1), weights, a + "o_proj", dt)
 
 
 # ----------------------------------------------------------------------------------
@@ -537,17 +632,33 @@ def random_weights(cfg: dict, seed: int, L: int | None = None, dtype=torch.float
         "fc.weight": lin(H, L * H),
         "hidden_norm.weight": norm(H),
     }
+    mla = cfg.get("attention_type", "gqa") == "mla"
     for i in range(cfg["num_layers"]):
         p = f"layers.{i}."
-        w[p + "self_attn.q_proj.weight"] = lin(nH * hd, H)
-        w[p + "self_attn.k_proj.weight"] = lin(nKV * hd, H)
-        w[p + "self_attn.v_proj.weight"] = lin(nKV * hd, H)
-        w[p + "self_attn.o_proj.weight"] = lin(H, nH * hd)
-        if cfg.get("attention_bias", False):
+        if mla:
+            a = p + "self_attn."
+            dn, dr, dv = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+            rkv, rq = cfg["kv_lora_rank"], cfg.get("q_lora_rank", 0)
+            if rq:
+                w[a + "q_a_proj.weight"] = lin(rq, H)
+                w[a + "q_a_layernorm.weight"] = norm(rq)
+                w[a + "q_b_proj.weight"] = lin(nH * (dn + dr), rq)
+            else:
+                w[a + "q_proj.weight"] = lin(nH * (dn + dr), H)
+            w[a + "kv_a_proj_with_mqa.weight"] = lin(rkv + dr, H)
+            w[a + "kv_a_layernorm.weight"] = norm(rkv)
+            w[a + "kv_b_proj.weight"] = lin(nH * (dn + dv), rkv)
+            w[a + "o_proj.weight"] = lin(H, nH * dv)
+        else:
+            w[p + "self_attn.q_proj.weight"] = lin(nH * hd, H)
+            w[p + "self_attn.k_proj.weight"] = lin(nKV * hd, H)
+            w[p + "self_attn.v_proj.weight"] = lin(nKV * hd, H)
+            w[p + "self_attn.o_proj.weight"] = lin(H, nH * hd)
+        if cfg.get("attention_bias", False) and not mla:
             w[p + "self_attn.q_proj.bias"] = lin(nH * hd)
             w[p + "self_attn.k_proj.bias"] = lin(nKV * hd)
             w[p + "self_attn.v_proj.bias"] = lin(nKV * hd)
-        if cfg.get("qk_norm", True):
+        if cfg.get("qk_norm", True) and not mla:
             w[p + "self_attn.q_norm.weight"] = norm(hd)
             w[p + "self_attn.k_norm.weight"] = norm(hd)
         w[p + "mlp.gate_proj.weight"] = lin(I, H)

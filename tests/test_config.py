@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -375,12 +376,11 @@ def test_unsupported_target_family_in_config():
 @pytest.mark.parametrize(
     "rope",
     [
-        {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4, "original_max_position_embeddings": 2048},
         {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4},
         {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5, "low_freq_factor": 1.0,
          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
     ],
-    ids=["yarn", "dynamic", "llama3"],
+    ids=["dynamic", "llama3"],
 )
 def test_unsupported_rope_type(rope):
     cfg = SimpleNamespace(
@@ -395,10 +395,30 @@ def test_unsupported_rope_type_transformers4_style():
     cfg = SimpleNamespace(
         model_type="llama", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=96, num_hidden_layers=12, vocab_size=128, rope_theta=1e4,
-        rope_scaling={"type": "yarn", "factor": 4.0},
+        rope_scaling={"type": "dynamic", "factor": 4.0},
     )
-    with pytest.raises(ConfigError, match="yarn"):
+    with pytest.raises(ConfigError, match="dynamic"):
         DSparkConfig.from_hf_config(cfg)
+
+
+@pytest.mark.parametrize("style", ["transformers5", "transformers4"])
+def test_yarn_rope_is_resolved(style):
+    """YaRN is supported (tests/test_mla.py checks the frequencies against transformers)."""
+    yarn = {"factor": 4.0, "original_max_position_embeddings": 2048}
+    if style == "transformers5":
+        extra = dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, **yarn})
+    else:
+        extra = dict(rope_theta=1e4, rope_scaling={"type": "yarn", **yarn})
+    cfg = SimpleNamespace(
+        model_type="llama", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=96, num_hidden_layers=12, vocab_size=128, max_position_embeddings=8192, **extra,
+    )
+    d = DSparkConfig.from_hf_config(cfg, num_target_taps=3).validate()
+    assert d.rope_theta == 1e4 and d.rope_scaling_factor == 1.0
+    assert d.rope_yarn == dict(
+        factor=4.0, original_max_position_embeddings=2048, beta_fast=32.0, beta_slow=1.0, mscale=0.0,
+        mscale_all_dim=0.0, attention_factor=0.1 * math.log(4.0) + 1.0, truncate=True)
+    assert d.softmax_scale == 16**-0.5  # GQA keeps hd^-1/2 under YaRN
 
 
 def test_unknown_markov_head_type():

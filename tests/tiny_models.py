@@ -14,6 +14,11 @@ The two families mirror the real targets this project cares about:
   tokenizer (Qwen3's vocab is 151,936 rows for 151,669 tokens), and a Qwen3-style
   template that puts an empty ``<think>`` block before the last assistant answer and
   honours ``enable_thinking=False`` in the generation prompt.
+* ``"deepseek_v3"`` (like DeepSeek-V3): multi-head latent attention (q_lora_rank 24 or
+  ``None``, kv_lora_rank 32, qk_nope 16, qk_rope 8, v 16 by default, interleaved RoPE),
+  YaRN RoPE (factor 4 over 512 original positions, mscale = mscale_all_dim = 1), a dense
+  first layer then MoE layers (4 routed experts in 2 groups, top-2, one shared expert),
+  untied LM head, the Llama chat template.
 
 Special tokens: ``<|endoftext|>`` (pad / unk), ``<|im_start|>`` (bos),
 ``<|im_end|>`` (eos = end of turn), plus ``extra_special_tokens``.
@@ -72,6 +77,16 @@ _CORPUS = [
 
 _MARKER = "tiny_target.json"
 
+# DeepseekV3Config fields of the tiny DeepSeek-V3 target (make_tiny_target(mla=...) overrides)
+DEEPSEEK_V3_MLA = dict(
+    q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+    moe_intermediate_size=32, n_shared_experts=1, n_routed_experts=4, n_group=2, topk_group=1,
+    num_experts_per_tok=2, first_k_dense_replace=1, rope_interleave=True,
+    rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                     "original_max_position_embeddings": 512, "beta_fast": 32.0, "beta_slow": 1.0,
+                     "mscale": 1.0, "mscale_all_dim": 1.0},
+)
+
 
 def _build_tokenizer(num_tokens: int, chat_template: str, extra_special_tokens: Sequence[str]):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -123,29 +138,39 @@ def make_tiny_target(
     extra_special_tokens: Sequence[str] = (),
     initializer_range: float = 0.02,
     max_position_embeddings: int = 2048,
+    mla: dict | None = None,
 ) -> str:
     """Build (or reuse) a tiny random causal LM + tokenizer under ``tmp_path``; return its dir.
 
     ``vocab`` is the model's vocabulary size (embedding rows). The tokenizer has
-    ``vocab - spare_rows`` tokens; ``spare_rows`` defaults to 0 for llama and 8 for qwen3.
+    ``vocab - spare_rows`` tokens; ``spare_rows`` defaults to 0 for llama and deepseek_v3
+    and 8 for qwen3. ``mla`` (deepseek_v3 only) overrides DeepseekV3Config fields (e.g.
+    ``q_lora_rank=None``, ``rope_parameters``); ``kv_heads`` is ignored for deepseek_v3.
     """
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen3Config
 
-    if family not in ("llama", "qwen3"):
-        raise ValueError(f"unknown family {family!r} (expected 'llama' or 'qwen3')")
+    if family not in ("llama", "qwen3", "deepseek_v3"):
+        raise ValueError(f"unknown family {family!r} (expected 'llama', 'qwen3' or 'deepseek_v3')")
     if spare_rows is None:
-        spare_rows = 0 if family == "llama" else 8
+        spare_rows = 8 if family == "qwen3" else 0
     if tie_word_embeddings is None:
         tie_word_embeddings = family == "llama"
     if intermediate is None:
         intermediate = 2 * hidden
+    if family == "deepseek_v3":
+        kv_heads = heads
+        mla = dict(DEEPSEEK_V3_MLA, **(mla or {}))
+    elif mla:
+        raise ValueError("mla= applies to family 'deepseek_v3' only")
     spec = dict(
         family=family, num_layers=num_layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
         vocab=vocab, seed=seed, intermediate=intermediate, spare_rows=spare_rows,
         tie_word_embeddings=tie_word_embeddings, extra_special_tokens=list(extra_special_tokens),
         initializer_range=initializer_range, max_position_embeddings=max_position_embeddings,
     )
+    if mla:
+        spec["mla"] = mla
     key = "-".join(str(v) for v in (family, num_layers, hidden, heads, kv_heads, vocab, seed))
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]
     out = Path(tmp_path) / f"tiny-{key}-{digest}"
@@ -153,7 +178,7 @@ def make_tiny_target(
     if marker.exists() and json.loads(marker.read_text()) == spec:
         return str(out)
 
-    template = LLAMA_CHAT_TEMPLATE if family == "llama" else QWEN3_CHAT_TEMPLATE
+    template = QWEN3_CHAT_TEMPLATE if family == "qwen3" else LLAMA_CHAT_TEMPLATE
     tokenizer = _build_tokenizer(vocab - spare_rows, template, extra_special_tokens)
     ids = dict(
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
@@ -167,6 +192,10 @@ def make_tiny_target(
     )
     if family == "llama":
         config = LlamaConfig(**common)
+    elif family == "deepseek_v3":
+        from transformers import DeepseekV3Config
+
+        config = DeepseekV3Config(**common, **mla)
     else:
         config = Qwen3Config(head_dim=hidden // heads, **common)
     torch.manual_seed(seed)

@@ -15,7 +15,10 @@ megatron), and reports every problem found:
   ``rotary_emb`` buffers, no ``model.`` prefix), confidence-head weights present iff
   the head is enabled, ``embed_tokens``/``lm_head`` optional;
 * tensor shapes against the config (``fc`` ``[H, L·H]`` with ``L = len(target_layer_ids)``,
-  attention, MLP, norms, Markov tables ``[V, r]``, confidence ``[1, H(+r)]``, ...).
+  attention, MLP, norms, Markov tables ``[V, r]``, confidence ``[1, H(+r)]``, ...);
+  an MLA draft (``draft_attention: "mla"`` or a ``kv_lora_rank``) has DeepSeek-V3's attention
+  tensors (``q_proj`` or ``q_a_proj``/``q_a_layernorm``/``q_b_proj`` when ``q_lora_rank`` is
+  set, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``).
 
 This file restates the engines' expectations on purpose instead of importing megaspark's
 exporter, so that it checks the exporter rather than repeating it.
@@ -43,6 +46,8 @@ KNOWN_ARCHITECTURES = {
     "LlamaDSparkModel": "megaspark Llama-family draft (no q/k norms)",
     "MistralDSparkModel": "megaspark Mistral-family draft (no q/k norms)",
     "Qwen2DSparkModel": "megaspark Qwen2-family draft (q/k/v biases)",
+    "DeepseekV3DSparkModel": "megaspark draft with DeepSeek-V3 multi-head latent attention (MLA)",
+    "DeepseekV2DSparkModel": "megaspark draft with DeepSeek-V2 multi-head latent attention (MLA)",
 }
 ENGINE_ARCHITECTURES = {"Qwen3DSparkModel", "DSparkDraftModel", "DFlashDraftModel"}
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
@@ -233,7 +238,21 @@ def check_config(cfg: dict, engines, report: Report) -> dict:
     elif convention == "D" and "sglang" in engines:
         report.problem("sglang: serves Convention S drafts only, this export is Convention D")
 
+    mla = None
+    if cfg.get("draft_attention") == "mla" or cfg.get("kv_lora_rank"):
+        dims = {k: cfg.get(k) for k in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")}
+        bad = [k for k, v in dims.items() if not (_is_int(v) and v >= (0 if k == "qk_nope_head_dim" else 1))]
+        q_lora = cfg.get("q_lora_rank")
+        if q_lora is not None and not (_is_int(q_lora) and q_lora >= 1):
+            bad.append("q_lora_rank (null or a positive integer)")
+        if bad:
+            report.problem(f"config: MLA draft with missing or invalid {', '.join(bad)}")
+        else:
+            mla = dict(dims, q_lora_rank=q_lora)
+        if cfg.get("rope_interleave") is False:
+            report.note("config: rope_interleave is false; DeepSeek engines rotate interleaved pairs")
     return dict(
+        mla=mla,
         model_type=shape["model_type"], H=H, heads=heads, kv=kv, hd=hd,
         layers=shape["num_hidden_layers"], I=shape["intermediate_size"], V=V,
         taps=len(ids) if ids else None, rank=rank or 0, head_type=head_type,
@@ -248,14 +267,33 @@ def expected_tensors(s: dict) -> dict:
     q, kv = s["heads"] * hd, s["kv"] * hd
     out = {"fc.weight": (H, s["taps"] * H) if s["taps"] else None,
            "hidden_norm.weight": (H,), "norm.weight": (H,)}
+    mla = s.get("mla")
     for i in range(s["layers"]):
         p = f"layers.{i}."
         out.update({
             p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
-            p + "self_attn.q_proj.weight": (q, H), p + "self_attn.k_proj.weight": (kv, H),
-            p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.o_proj.weight": (H, q),
             p + "mlp.gate_proj.weight": (s["I"], H), p + "mlp.up_proj.weight": (s["I"], H),
             p + "mlp.down_proj.weight": (H, s["I"]),
+        })
+        if mla:
+            a, n = p + "self_attn.", s["heads"]
+            rkv, rq = mla["kv_lora_rank"], mla["q_lora_rank"]
+            qk = mla["qk_nope_head_dim"] + mla["qk_rope_head_dim"]
+            if rq:
+                out.update({a + "q_a_proj.weight": (rq, H), a + "q_a_layernorm.weight": (rq,),
+                            a + "q_b_proj.weight": (n * qk, rq)})
+            else:
+                out[a + "q_proj.weight"] = (n * qk, H)
+            out.update({
+                a + "kv_a_proj_with_mqa.weight": (rkv + mla["qk_rope_head_dim"], H),
+                a + "kv_a_layernorm.weight": (rkv,),
+                a + "kv_b_proj.weight": (n * (mla["qk_nope_head_dim"] + mla["v_head_dim"]), rkv),
+                a + "o_proj.weight": (H, n * mla["v_head_dim"]),
+            })
+            continue
+        out.update({
+            p + "self_attn.q_proj.weight": (q, H), p + "self_attn.k_proj.weight": (kv, H),
+            p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.o_proj.weight": (H, q),
         })
         if s["bias"]:
             out.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),

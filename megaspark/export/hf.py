@@ -45,6 +45,21 @@ Besides what engines read, an export records the loss settings (``loss_decay_gam
 settings (under ``megaspark``) and its target (``dspark_target``, ``dspark_target_fingerprint``),
 so that :func:`read_hf` gives back the DSparkConfig that trained it.
 
+MLA drafts (``--draft-attention mla``, models/dspark/mla.py) carry DeepSeek-V3's attention
+tensors (``q_proj`` or ``q_a_proj``/``q_a_layernorm``/``q_b_proj``, ``kv_a_proj_with_mqa``,
+``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``) and DeepSeek's top-level keys
+``q_lora_rank`` (null when 0: queries projected directly), ``kv_lora_rank``,
+``qk_nope_head_dim``, ``qk_rope_head_dim``, ``v_head_dim``, ``qk_head_dim``,
+``rope_interleave: true`` and ``draft_attention: "mla"`` (SpecForge layout: also
+``dflash_config.attention_mode: "mla"``); ``head_dim`` is the rotary dim and
+``num_key_value_heads`` the head count, as in transformers' ``DeepseekV3Config``. They export
+as ``DeepseekV3DSparkModel`` (``DeepseekV2DSparkModel`` for a DeepSeek-V2 target); a GQA
+draft of a DeepSeek target exports as ``LlamaDSparkModel`` without the MLA keys. For DeepSeek
+targets ``first_k_dense_replace`` is set to the draft's depth (every draft layer is dense)
+and ``num_nextn_predict_layers`` dropped. On import an export is MLA if it says so or
+carries ``kv_lora_rank``. RoPE (default, linear or YaRN) is read from the target's
+``rope_parameters`` / ``rope_scaling`` kept in the config.
+
 Where the draft's attention/MLP shape differs from the target's (SmolLM2's 9/3 heads
 become 8/4 × 72 for tensor parallelism) the top-level ``num_attention_heads``,
 ``num_key_value_heads``, ``head_dim`` and ``intermediate_size`` are the draft's (what
@@ -66,7 +81,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from megaspark.config import SUPPORTED_FAMILIES, ConfigError, DSparkConfig, _rope_params
+from megaspark.config import MLA_FLAGS, SUPPORTED_FAMILIES, ConfigError, DSparkConfig, rope_settings
 from megaspark.models.dspark.state_dict_adapter import MAPPINGS
 
 CONFIG_FILE = "config.json"
@@ -92,11 +107,27 @@ class TensorSpec:
 
 
 def _q(d):
-    return d.num_attention_heads * d.kv_channels
+    return d.num_attention_heads * d.qk_head_dim
+
+
+def _o(d):
+    return d.num_attention_heads * d.value_head_dim
 
 
 def _kv(d):
     return d.num_query_groups * d.kv_channels
+
+
+def _gqa(d):
+    return d.attention_type == "gqa"
+
+
+def _mla(d):
+    return d.attention_type == "mla"
+
+
+def _q_lora(d):
+    return _mla(d) and d.q_lora_rank > 0
 
 
 def _gated(d):
@@ -116,15 +147,26 @@ TENSORS = (
     TensorSpec("fc.weight", lambda d: (d.hidden_size, d.context_width)),
     TensorSpec("hidden_norm.weight", lambda d: (d.hidden_size,)),
     TensorSpec("layers.{i}.input_layernorm.weight", lambda d: (d.hidden_size,)),
-    TensorSpec("layers.{i}.self_attn.q_proj.weight", lambda d: (_q(d), d.hidden_size)),
+    # q_proj: GQA, or MLA without query compression ([heads·(nope+rope), H])
+    TensorSpec("layers.{i}.self_attn.q_proj.weight", lambda d: (_q(d), d.hidden_size),
+               lambda d: _gqa(d) or not _q_lora(d)),
     TensorSpec("layers.{i}.self_attn.q_proj.bias", lambda d: (_q(d),), lambda d: d.attention_bias),
-    TensorSpec("layers.{i}.self_attn.k_proj.weight", lambda d: (_kv(d), d.hidden_size)),
+    TensorSpec("layers.{i}.self_attn.k_proj.weight", lambda d: (_kv(d), d.hidden_size), _gqa),
     TensorSpec("layers.{i}.self_attn.k_proj.bias", lambda d: (_kv(d),), lambda d: d.attention_bias),
-    TensorSpec("layers.{i}.self_attn.v_proj.weight", lambda d: (_kv(d), d.hidden_size)),
+    TensorSpec("layers.{i}.self_attn.v_proj.weight", lambda d: (_kv(d), d.hidden_size), _gqa),
     TensorSpec("layers.{i}.self_attn.v_proj.bias", lambda d: (_kv(d),), lambda d: d.attention_bias),
     TensorSpec("layers.{i}.self_attn.q_norm.weight", lambda d: (d.kv_channels,), lambda d: d.qk_norm),
     TensorSpec("layers.{i}.self_attn.k_norm.weight", lambda d: (d.kv_channels,), lambda d: d.qk_norm),
-    TensorSpec("layers.{i}.self_attn.o_proj.weight", lambda d: (d.hidden_size, _q(d))),
+    # MLA (DeepSeek-V3 layout; no biases, no per-head norms)
+    TensorSpec("layers.{i}.self_attn.q_a_proj.weight", lambda d: (d.q_lora_rank, d.hidden_size), _q_lora),
+    TensorSpec("layers.{i}.self_attn.q_a_layernorm.weight", lambda d: (d.q_lora_rank,), _q_lora),
+    TensorSpec("layers.{i}.self_attn.q_b_proj.weight", lambda d: (_q(d), d.q_lora_rank), _q_lora),
+    TensorSpec("layers.{i}.self_attn.kv_a_proj_with_mqa.weight",
+               lambda d: (d.kv_lora_rank + d.qk_rope_head_dim, d.hidden_size), _mla),
+    TensorSpec("layers.{i}.self_attn.kv_a_layernorm.weight", lambda d: (d.kv_lora_rank,), _mla),
+    TensorSpec("layers.{i}.self_attn.kv_b_proj.weight",
+               lambda d: (d.num_attention_heads * (d.qk_nope_head_dim + d.v_head_dim), d.kv_lora_rank), _mla),
+    TensorSpec("layers.{i}.self_attn.o_proj.weight", lambda d: (d.hidden_size, _o(d))),
     TensorSpec("layers.{i}.post_attention_layernorm.weight", lambda d: (d.hidden_size,)),
     TensorSpec("layers.{i}.mlp.gate_proj.weight", lambda d: (d.ffn_hidden_size, d.hidden_size)),
     TensorSpec("layers.{i}.mlp.up_proj.weight", lambda d: (d.ffn_hidden_size, d.hidden_size)),
@@ -202,6 +244,12 @@ class Field:
     specforge: Optional[str] = None
     written: Callable[[DSparkConfig], bool] = lambda d: True
     default: Any = _REQUIRED
+    encode: Optional[Callable[[Any], Any]] = None  # attribute value -> config value
+    decode: Optional[Callable[[Any], Any]] = None  # config value -> attribute value
+
+    def to_config(self, dcfg: DSparkConfig):
+        value = _jsonable(getattr(dcfg, self.attr))
+        return self.encode(value) if self.encode else value
 
     def key_for(self, layout: str) -> str:
         return self.specforge if (layout == "specforge" and self.specforge) else self.key
@@ -211,14 +259,42 @@ def _family_bias_default(values, raw):
     return bool(SUPPORTED_FAMILIES.get(values["target_model_type"], (False, False))[1])
 
 
+def _detect_attention(values, raw) -> str:
+    """MLA if the export says so (``draft_attention`` / SpecForge ``attention_mode``), or if it
+    carries DeepSeek's latent width (a GQA export never does), else GQA."""
+    mode = (raw.get("dflash_config") or {}).get("attention_mode") if isinstance(
+        raw.get("dflash_config"), dict) else None
+    if mode in ("gqa", "mla"):
+        return mode
+    return "mla" if raw.get("kv_lora_rank") else "gqa"
+
+
+def _written_for_mla(d: DSparkConfig) -> bool:
+    return d.attention_type == "mla"
+
+
+def _mla_dim(attr: str) -> Field:
+    # top-level DeepSeek key names; q_lora_rank 0 is written as null (DeepSeek: "no q_a_proj")
+    if attr == "q_lora_rank":
+        return Field(attr, attr, written=_written_for_mla, default=0,
+                     encode=lambda v: v or None, decode=lambda v: int(v or 0))
+    return Field(attr, attr, written=_written_for_mla, default=0, decode=lambda v: int(v or 0))
+
+
 # The draft's shape: top level in both layouts, overriding the target's values.
 SHAPE_FIELDS = (
     Field("target_model_type", "model_type"),
     Field("hidden_size", "hidden_size"),
     Field("num_layers", "num_hidden_layers"),
     Field("num_attention_heads", "num_attention_heads"),
+    # MLA drafts (models/dspark/mla.py): recorded only for them
+    Field("attention_type", "draft_attention", written=_written_for_mla, default=_detect_attention),
+    *(_mla_dim(attr) for attr in MLA_FLAGS),
     Field("num_query_groups", "num_key_value_heads", default=lambda v, c: v["num_attention_heads"]),
-    Field("kv_channels", "head_dim", default=lambda v, c: v["hidden_size"] // v["num_attention_heads"]),
+    # MLA: HF DeepseekV3Config.head_dim is the rotary dim
+    Field("kv_channels", "head_dim",
+          default=lambda v, c: v["qk_rope_head_dim"] if v["attention_type"] == "mla"
+          else v["hidden_size"] // v["num_attention_heads"]),
     Field("ffn_hidden_size", "intermediate_size"),
     Field("vocab_size", "vocab_size"),
     Field("rms_norm_eps", "rms_norm_eps", default=1e-6),
@@ -260,6 +336,11 @@ ALGORITHM_FIELDS = (
     Field("alpha_l1", "l1_loss_alpha", default=lambda v, c: 0.9 if _has_heads(v) else 0.0),
     Field("alpha_conf", "confidence_loss_alpha", "dflash_config.confidence_head_alpha",
           default=lambda v, c: 1.0 if v["confidence_head"] else 0.0),
+    # §9.2 / §10: the VP-drafter objective is recorded (SpecForge keys in dflash_config)
+    Field("training_mode", "training_mode", "dflash_config.training_mode",
+          written=lambda d: d.training_mode != "standard", default="standard"),
+    Field("prefix_weight_base", "prefix_weight_base", "dflash_config.prefix_weight_base",
+          written=lambda d: d.training_mode == "vp_drafter", default=0.9),
     # training-only settings, kept so that a re-import reproduces the run's config
     Field("truncate_eval_mask", "megaspark.truncate_eval_mask", default=True),
     Field("attention_backend", "megaspark.attention_backend", default="structured"),
@@ -277,7 +358,23 @@ FAMILY_ARCHITECTURES = {
     "llama": "LlamaDSparkModel",
     "mistral": "MistralDSparkModel",
     "qwen2": "Qwen2DSparkModel",
+    "deepseek_v2": "DeepseekV2DSparkModel",
+    "deepseek_v3": "DeepseekV3DSparkModel",
 }
+# Keys of DeepSeek configs that describe MLA; a GQA draft's config must not carry them.
+MLA_CONFIG_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                   "qk_head_dim", "rope_interleave")
+
+
+def _architecture(d: DSparkConfig) -> str:
+    """An MLA draft is a DeepSeek-style block whatever its target (``DeepseekV2DSparkModel``
+    for a DeepSeek-V2 target, else ``DeepseekV3DSparkModel``); a GQA draft of a DeepSeek
+    target is a plain Llama-style block; other GQA drafts are named after their family."""
+    if d.attention_type == "mla":
+        return "DeepseekV2DSparkModel" if d.target_model_type == "deepseek_v2" else "DeepseekV3DSparkModel"
+    if d.target_model_type in ("deepseek_v2", "deepseek_v3"):
+        return "LlamaDSparkModel"
+    return FAMILY_ARCHITECTURES[d.target_model_type]
 
 
 def _is_dflash(d: DSparkConfig) -> bool:
@@ -300,7 +397,7 @@ _COMMON_CONSTANTS = (
 LAYOUTS = {
     "deepspec": Layout(
         "deepspec", True,
-        (("architectures", lambda d: [FAMILY_ARCHITECTURES[d.target_model_type]]),) + _COMMON_CONSTANTS,
+        (("architectures", lambda d: [_architecture(d)]),) + _COMMON_CONSTANTS,
     ),
     "specforge": Layout(
         "specforge", False,
@@ -309,7 +406,7 @@ LAYOUTS = {
             ("auto_map", lambda d: {"AutoModel": "dflash.DFlashDraftModel" if _is_dflash(d)
                                     else "dspark.DSparkDraftModel"}),
             ("dflash_config.projector_type", lambda d: "dflash" if _is_dflash(d) else "dspark"),
-            ("dflash_config.attention_mode", "gqa"),
+            ("dflash_config.attention_mode", lambda d: d.attention_type),
         ) + _COMMON_CONSTANTS,
     ),
 }
@@ -318,6 +415,7 @@ LAYOUTS = {
 _DROPPED_TARGET_KEYS = (
     "_name_or_path", "name_or_path", "_commit_hash", "architectures", "auto_map",
     "quantization_config", "id2label", "label2id", "text_config", "num_speculative_tokens",
+    "num_nextn_predict_layers",  # DeepSeek's MTP modules: the draft has none
 )
 
 
@@ -404,22 +502,32 @@ def build_hf_config(dcfg: DSparkConfig, target_config, layout: str = "deepspec",
             raise ExportError(
                 f"the target config does not belong to this draft: target {key} = {target[key]!r}, "
                 f"draft {attr} = {getattr(dcfg, attr)!r} (wrong --target-model?)")
-    original = {k: target.get(k) for k in ("num_attention_heads", "num_key_value_heads", "head_dim",
-                                           "intermediate_size")}
+    shape_keys = ("num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
+    original = {k: target.get(k) for k in shape_keys + MLA_CONFIG_KEYS[:5] if k in shape_keys or k in target}
     cfg = {k: v for k, v in target.items() if k not in _DROPPED_TARGET_KEYS}
     if cfg.get("use_sliding_window"):
         cfg["use_sliding_window"] = False
+    for key in MLA_CONFIG_KEYS:  # the draft's own attention decides these (below)
+        cfg.pop(key, None)
     for f in SHAPE_FIELDS:
-        _set(cfg, f.key, _jsonable(getattr(dcfg, f.attr)))
+        if f.written(dcfg):
+            _set(cfg, f.key, f.to_config(dcfg))
+    if dcfg.attention_type == "mla":
+        cfg["qk_head_dim"] = dcfg.qk_head_dim
+        cfg["rope_interleave"] = True  # DeepSeek's interleaved-pair RoPE (models/dspark/rope.py)
+    if "first_k_dense_replace" in cfg:  # DeepSeek targets: every draft layer is dense
+        cfg["first_k_dense_replace"] = dcfg.num_layers
     differs = {k: v for k, v in original.items() if v is not None and cfg.get(k) != v}
     if differs:
         cfg["dspark_target_shape"] = original
     for f in ALGORITHM_FIELDS:
         if f.written(dcfg):
-            _set(cfg, f.key_for(layout), _jsonable(getattr(dcfg, f.attr)))
+            _set(cfg, f.key_for(layout), f.to_config(dcfg))
     for path, value in spec.constants:
         _set(cfg, path, value(dcfg) if callable(value) else value)
-    if dcfg.convention == "D":
+    if dcfg.convention == "D" and not _is_dflash(dcfg):
+        # a Convention-D *DSpark* draft: the tag by which SGLang refuses it (§9.3). A plain
+        # DFlash draft is Convention D by definition and DFlash loaders expect exactly that.
         cfg["speculators_model_type"] = "dspark"
     if target_name is not None:
         cfg["dspark_target"] = str(target_name)
@@ -546,6 +654,8 @@ def config_to_dspark(config: dict, where: str = "config.json") -> DSparkConfig:
         for path in candidates:
             found, value = _get(config, path)
             if found:
+                if f.decode is not None:
+                    value = f.decode(value)
                 break
         else:
             if f.default is _REQUIRED:
@@ -561,13 +671,18 @@ def config_to_dspark(config: dict, where: str = "config.json") -> DSparkConfig:
         values["num_query_groups"] = values["num_attention_heads"]
     if values["kv_channels"] is None:
         values["kv_channels"] = values["hidden_size"] // values["num_attention_heads"]
+    if values["attention_type"] == "mla" and config.get("rope_interleave") is False:
+        raise ExportError(f"{where}: an MLA draft with rope_interleave false is not supported (megaspark's "
+                          "MLA uses DeepSeek's interleaved-pair RoPE)")
     try:
-        theta, factor = _rope_params(types.SimpleNamespace(**{
-            k: config[k] for k in ("rope_theta", "rope_parameters", "rope_scaling") if k in config}))
+        theta, factor, yarn = rope_settings(types.SimpleNamespace(**{
+            k: config[k] for k in ("rope_theta", "rope_parameters", "rope_scaling", "max_position_embeddings")
+            if k in config}))
         values["target_layer_ids"] = [int(i) for i in values["target_layer_ids"]]
         dcfg = DSparkConfig(
-            rope_theta=theta, rope_scaling_factor=factor,
-            qk_norm=SUPPORTED_FAMILIES[values["target_model_type"]][0], **values)
+            rope_theta=theta, rope_scaling_factor=factor, rope_yarn=yarn,
+            qk_norm=SUPPORTED_FAMILIES[values["target_model_type"]][0] and values["attention_type"] != "mla",
+            **values)
         dcfg.validate()
     except (ConfigError, TypeError, ValueError) as e:
         raise ExportError(f"{where}: not a valid DSpark draft config: {e}") from None

@@ -15,7 +15,10 @@ Two interchangeable core-attention implementations:
   reference and as the benchmark baseline.
 
 Both return exactly the same values (rows with no visible key — dummy blocks — give 0).
-The module :class:`DualSourceAttention` holds the tensor-parallel projections.
+Both take an explicit softmax ``scale`` (default ``hd^-1/2``) and a value width that may
+differ from the query/key width, so the MLA draft (:mod:`.mla`, ``nKV = heads``, ``g = 1``)
+uses them unchanged. The module :class:`DualSourceAttention` holds the tensor-parallel
+projections of the GQA draft.
 """
 
 from __future__ import annotations
@@ -43,16 +46,19 @@ def structured_block_attention(
     block_size: int,
     seq_len: int,
     chunk_blocks: int = 64,
+    scale: Optional[float] = None,
 ) -> torch.Tensor:
-    """q [b, nKV, g, N·B, hd]; k, v [b, nKV, S+N·B, hd]; context_lengths [b, N] (a_j for kept
-    blocks, 0 for dummies). Returns [b, nKV, g, N·B, hd]."""
+    """q [b, nKV, g, N·B, hd]; k [b, nKV, S+N·B, hd]; v [b, nKV, S+N·B, hd_v] (the value
+    width may differ, e.g. MLA); context_lengths [b, N] (a_j for kept blocks, 0 for dummies);
+    ``scale`` defaults to ``hd^-1/2``. Returns [b, nKV, g, N·B, hd_v]."""
     b, nkv, g, rows, hd = q.shape
+    hd_v = v.shape[-1]
     B = block_size
     N = rows // B
     S = seq_len
-    scale = hd**-0.5
+    scale = hd**-0.5 if scale is None else scale
     k_ctx, k_blk = k[:, :, :S], k[:, :, S:].reshape(b, nkv, N, B, hd)
-    v_ctx, v_blk = v[:, :, :S], v[:, :, S:].reshape(b, nkv, N, B, hd)
+    v_ctx, v_blk = v[:, :, :S], v[:, :, S:].reshape(b, nkv, N, B, hd_v)
     qb = q.reshape(b, nkv, g, N, B, hd)
     fill = _masked_fill_value(torch.float32)
     outs = []
@@ -80,21 +86,24 @@ def structured_block_attention(
             p_ctx = probs[..., :-B]
             out = out + torch.einsum("bkgnqp,bkpd->bkgnqd", p_ctx, v_ctx[:, :, :ctx_len].float())
         outs.append(out)
-    out = torch.cat(outs, dim=3) if outs else q.new_zeros(b, nkv, g, 0, B, hd)
-    return out.reshape(b, nkv, g, rows, hd).to(q.dtype)
+    out = torch.cat(outs, dim=3) if outs else q.new_zeros(b, nkv, g, 0, B, hd_v)
+    return out.reshape(b, nkv, g, rows, hd_v).to(q.dtype)
 
 
-def structured_attention_with_keep(q, k, v, context_lengths, keep, block_size, seq_len, chunk_blocks=64):
-    out = structured_block_attention(q, k, v, context_lengths, block_size, seq_len, chunk_blocks)
+def structured_attention_with_keep(q, k, v, context_lengths, keep, block_size, seq_len, chunk_blocks=64,
+                                   scale: Optional[float] = None):
+    out = structured_block_attention(q, k, v, context_lengths, block_size, seq_len, chunk_blocks, scale)
     row_keep = keep.repeat_interleave(block_size, dim=1)  # [b, N·B]
     return out * row_keep[:, None, None, :, None].to(out.dtype)
 
 
-def dense_mask_attention(q, k, v, allowed: torch.Tensor) -> torch.Tensor:
-    """q [b, nKV, g, Tq, hd]; k, v [b, nKV, Tk, hd]; allowed Bool [b, Tq, Tk] (True = visible).
-    Rows with no visible key return 0."""
+def dense_mask_attention(q, k, v, allowed: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    """q [b, nKV, g, Tq, hd]; k [b, nKV, Tk, hd]; v [b, nKV, Tk, hd_v]; allowed Bool
+    [b, Tq, Tk] (True = visible); ``scale`` defaults to ``hd^-1/2``. Rows with no visible key
+    return 0. Returns [b, nKV, g, Tq, hd_v]."""
     hd = q.shape[-1]
-    scores = torch.einsum("bkgqd,bkpd->bkgqp", q.float(), k.float()) * hd**-0.5
+    scale = hd**-0.5 if scale is None else scale
+    scores = torch.einsum("bkgqd,bkpd->bkgqp", q.float(), k.float()) * scale
     scores = scores.masked_fill(~allowed[:, None, None], _masked_fill_value(torch.float32))
     probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("bkgqp,bkpd->bkgqd", probs, v.float())

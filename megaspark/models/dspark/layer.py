@@ -2,8 +2,10 @@
 
 The layer takes the stage's hidden tensor ``[S + N·B, b, H]`` — the projected context C
 in the first S rows, the block rows X after them — and returns the same layout with only
-X updated. Carrying C inside the hidden tensor is what lets the layers be split across
-pipeline stages: C simply travels with the activations (DESIGN.md §2).
+X updated. Its attention is the dual-source GQA block (:mod:`.attention`) or, with
+``attention_type == "mla"``, DeepSeek's multi-head latent attention (:mod:`.mla`).
+Carrying C inside the hidden tensor is what lets the layers be split across pipeline
+stages: C simply travels with the activations (DESIGN.md §2).
 """
 
 from __future__ import annotations
@@ -74,6 +76,24 @@ class DSparkLayerSubmodules:
     )
 
 
+def mla_submodules(spec):
+    """The MLA submodules for a layer spec's attention slot: an MLA spec as is; the local GQA
+    spec (megatron's plain parallel linears) maps to the local MLA spec. Anything else (the
+    Transformer Engine spec) is refused, naming the flags."""
+    from megaspark.config import ConfigError
+    from megaspark.models.dspark.mla import DualSourceMLASubmodules
+
+    if isinstance(spec, DualSourceMLASubmodules):
+        return spec
+    local = (tensor_parallel.ColumnParallelLinear, tensor_parallel.RowParallelLinear)
+    if isinstance(spec, DualSourceAttentionSubmodules) and (spec.linear_q, spec.linear_proj) == local:
+        return DualSourceMLASubmodules()
+    raise ConfigError(
+        "--draft-attention mla is implemented for --transformer-impl local only; "
+        "--transformer-impl transformer_engine covers the GQA draft (use --transformer-impl local)"
+    )
+
+
 class DSparkLayer(MegatronModule):
     def __init__(self, config, dspark_config, submodules: DSparkLayerSubmodules, layer_number: int):
         super().__init__(config=config)
@@ -82,7 +102,13 @@ class DSparkLayer(MegatronModule):
         self.input_layernorm = build_module(
             submodules.input_layernorm, config=config, hidden_size=config.hidden_size, eps=eps
         )
-        self.self_attention = DualSourceAttention(config, dspark_config, submodules.self_attention)
+        if dspark_config.attention_type == "mla":
+            from megaspark.models.dspark.mla import DualSourceMLA
+
+            self.self_attention = DualSourceMLA(
+                config, dspark_config, mla_submodules(submodules.self_attention))
+        else:
+            self.self_attention = DualSourceAttention(config, dspark_config, submodules.self_attention)
         self.pre_mlp_layernorm = build_module(
             submodules.pre_mlp_layernorm, config=config, hidden_size=config.hidden_size, eps=eps
         )

@@ -13,7 +13,23 @@ from megaspark.models.dspark.attention import DualSourceAttentionSubmodules
 from megaspark.models.dspark.layer import DSparkLayerSubmodules, HeadRMSNorm, RMSNorm
 
 
-def get_local_layer_spec(qk_norm: bool) -> DSparkLayerSubmodules:
+def get_local_layer_spec(qk_norm: bool, attention_type: str = "gqa") -> DSparkLayerSubmodules:
+    """The local spec; ``attention_type="mla"`` fills the attention slot with the MLA
+    submodules (:mod:`megaspark.models.dspark.mla`; ``qk_norm`` does not apply to MLA)."""
+    if attention_type == "mla":
+        from megaspark.models.dspark.mla import DualSourceMLASubmodules
+
+        return DSparkLayerSubmodules(
+            input_layernorm=RMSNorm,
+            self_attention=DualSourceMLASubmodules(
+                linear_q=tensor_parallel.ColumnParallelLinear,
+                linear_q_up_proj=tensor_parallel.ColumnParallelLinear,
+                linear_kv_up_proj=tensor_parallel.ColumnParallelLinear,
+                linear_proj=tensor_parallel.RowParallelLinear,
+                latent_layernorm=RMSNorm,
+            ),
+            pre_mlp_layernorm=RMSNorm,
+        )
     return DSparkLayerSubmodules(
         input_layernorm=RMSNorm,
         self_attention=DualSourceAttentionSubmodules(

@@ -13,7 +13,12 @@ Stage layout (``pre_process`` = first pipeline stage, ``post_process`` = last):
 Initialisation is layout-independent: every submodule is initialised from a CPU RNG seeded
 by (seed, its global name), and megatron splits full master weights (with stride 2 for the
 fused ``[k; v]`` and ``[gate; up]`` projections), so any (TP, PP) layout starts from the
-same global weights.
+same global weights. (The MLA draft's replicated latent projections draw from the same
+seeded RNG, identically on every TP rank.)
+
+The draft layers' attention is GQA or MLA (``DSparkConfig.attention_type``); RoPE covers the
+whole head (GQA) or the ``qk_rope_head_dim`` part (MLA), with linear or YaRN scaling
+(:meth:`DSparkModel.rope`).
 """
 
 from __future__ import annotations
@@ -124,7 +129,7 @@ class DSparkModel(MegatronModule):
         self.post_process = post_process
         self.share_embeddings_and_output_weights = False
         self.input_tensor = None
-        self.layer_spec = layer_spec or get_local_layer_spec(d.qk_norm)
+        self.layer_spec = layer_spec or get_local_layer_spec(d.qk_norm, d.attention_type)
         H, V = config.hidden_size, d.vocab_size
 
         if pre_process:
@@ -239,9 +244,16 @@ class DSparkModel(MegatronModule):
             module.weight.copy_(full[self.vocab_start: self.vocab_start + rows].to(module.weight.dtype))
 
     # ------------------------------------------------------------------ forward
+    def rope(self, position_ids: torch.Tensor):
+        """(cos, sin) [b, T, rotary dim] at ``position_ids``: the whole head (GQA) or the
+        ``qk_rope_head_dim`` rope part (MLA), with linear or YaRN scaling."""
+        d = self.dspark_config
+        return rope_cos_sin(position_ids, d.rope_head_dim, d.rope_theta, d.rope_scaling_factor,
+                            yarn=d.rope_yarn)
+
     def attention_inputs(self, inputs: DraftInputs) -> AttentionInputs:
         d = self.dspark_config
-        cos, sin = rope_cos_sin(inputs.position_ids, d.head_dim, d.rope_theta, d.rope_scaling_factor)
+        cos, sin = self.rope(inputs.position_ids)
         dense = None
         if d.attention_backend == "dense":
             dense = dense_attention_mask(inputs.anchors, inputs.keep, inputs.seq_len, inputs.block_size)
@@ -283,12 +295,12 @@ class DSparkModel(MegatronModule):
         context_features [b, Tn, L·H] of the positions verified since the last call (None
         or Tn = 0 if none) at ``context_positions`` [b, Tn]; block_ids/block_positions
         [b, B] (anchor then mask tokens at a…a+B−1). ``cache`` is a list with one dict per
-        layer, updated in place (context K/V only; block K/V are never kept).
+        layer, updated in place (context K/V only — for MLA the compressed latent and rotated
+        rope key; block K/V are never kept).
         Returns the draft hidden states h [b, B, H] after the final norm.
         """
         if not (self.pre_process and self.post_process):
             raise RuntimeError("inference_forward needs the whole draft on one stage (PP=1)")
-        d = self.dspark_config
         while len(cache) < len(self.layers):
             cache.append({})
         context = None
@@ -297,12 +309,10 @@ class DSparkModel(MegatronModule):
             feats = context_features.transpose(0, 1).to(self.fc.weight.dtype)
             context, _ = self.fc(feats)
             context = self.hidden_norm(context)
-            rope["ctx_cos"], rope["ctx_sin"] = rope_cos_sin(
-                context_positions, d.head_dim, d.rope_theta, d.rope_scaling_factor)
+            rope["ctx_cos"], rope["ctx_sin"] = self.rope(context_positions)
         else:
             rope["ctx_cos"] = rope["ctx_sin"] = None
-        rope["blk_cos"], rope["blk_sin"] = rope_cos_sin(
-            block_positions, d.head_dim, d.rope_theta, d.rope_scaling_factor)
+        rope["blk_cos"], rope["blk_sin"] = self.rope(block_positions)
         x = self.embedding(block_ids).transpose(0, 1).to(self.fc.weight.dtype)  # [B, b, H]
         for layer, layer_cache in zip(self.layers, cache):
             x = layer.forward_cached(context, x, rope, layer_cache)
@@ -310,11 +320,11 @@ class DSparkModel(MegatronModule):
 
     @staticmethod
     def crop_cache(cache: list, length: int) -> None:
-        """Drop cached context K/V beyond ``length`` positions (e.g. after a rejection)."""
+        """Drop cached context beyond ``length`` positions (e.g. after a rejection). Every
+        cached tensor (GQA ``k``/``v``, MLA ``latent``/``k_pe``) has the sequence on dim 2."""
         for layer_cache in cache:
-            if "k" in layer_cache:
-                layer_cache["k"] = layer_cache["k"][:, :, :length]
-                layer_cache["v"] = layer_cache["v"][:, :, :length]
+            for key, value in list(layer_cache.items()):
+                layer_cache[key] = value[:, :, :length]
 
     def final_hidden(self, hidden: torch.Tensor, inputs: DraftInputs) -> torch.Tensor:
         x = self.final_layernorm(hidden[inputs.seq_len:])  # [N·B, b, H]

@@ -10,6 +10,12 @@ parameter (``tensor_model_parallel``, ``partition_dim``, ``partition_stride``): 
 tp holds chunks ``r, r+tp, …`` of the global tensor split into ``stride·tp`` pieces. So
 ``shard`` / ``unshard`` work for plain column/row/vocab-parallel and for stride-2 fused
 weights alike, and the global tensors do not depend on the TP size.
+
+The MLA draft (:mod:`.mla`) maps to DeepSeek-V3's names: ``q_a_proj``, ``q_a_layernorm``,
+``q_b_proj`` (or ``q_proj`` without query compression), ``kv_a_proj_with_mqa``,
+``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``. Its replicated down-projections and latent
+norms carry no TP attributes (every rank holds the full tensor); ``kv_b_proj`` and
+``q_b_proj`` are plain column-parallel (whole heads per rank).
 """
 
 from __future__ import annotations
@@ -45,6 +51,16 @@ MAPPINGS = (
     Mapping("layers.{i}.self_attention.q_layernorm.weight", ("layers.{i}.self_attn.q_norm.weight",)),
     Mapping("layers.{i}.self_attention.k_layernorm.weight", ("layers.{i}.self_attn.k_norm.weight",)),
     Mapping("layers.{i}.self_attention.linear_proj.weight", ("layers.{i}.self_attn.o_proj.weight",)),
+    # MLA (DeepSeek-V3 names; linear_q / linear_proj above are q_proj / o_proj there too)
+    Mapping("layers.{i}.self_attention.linear_q_down_proj.weight", ("layers.{i}.self_attn.q_a_proj.weight",)),
+    Mapping("layers.{i}.self_attention.q_down_layernorm.weight",
+            ("layers.{i}.self_attn.q_a_layernorm.weight",)),
+    Mapping("layers.{i}.self_attention.linear_q_up_proj.weight", ("layers.{i}.self_attn.q_b_proj.weight",)),
+    Mapping("layers.{i}.self_attention.linear_kv_down_proj.weight",
+            ("layers.{i}.self_attn.kv_a_proj_with_mqa.weight",)),
+    Mapping("layers.{i}.self_attention.kv_down_layernorm.weight",
+            ("layers.{i}.self_attn.kv_a_layernorm.weight",)),
+    Mapping("layers.{i}.self_attention.linear_kv_up_proj.weight", ("layers.{i}.self_attn.kv_b_proj.weight",)),
     Mapping("layers.{i}.pre_mlp_layernorm.weight", ("layers.{i}.post_attention_layernorm.weight",)),
     Mapping(
         "layers.{i}.mlp.linear_fc1.weight",

@@ -48,6 +48,12 @@ convention, which its TE wrappers follow; TE-only keyword arguments
 (``tp_comm_buffer_name``, ``skip_weight_param_allocation``, ``tp_group``, ``name``) keep
 their defaults.
 
+MLA (``--draft-attention mla``) is not covered: the TE spec builds the GQA draft only, and
+:func:`select_layer_spec` / :func:`get_te_layer_spec` refuse an MLA draft with
+``--transformer-impl transformer_engine`` (a clear ``ConfigError`` naming both flags); an
+unset ``--transformer-impl`` resolves to ``local`` for MLA. (A layer given the TE spec
+with an MLA config refuses the same way, :func:`megaspark.models.dspark.layer.mla_submodules`.)
+
 Availability
 ------------
 Transformer Engine needs CUDA and cannot be installed on a CPU machine (DESIGN.md §4); on
@@ -139,13 +145,31 @@ def check_transformer_impl_usable(transformer_impl: str) -> None:
         require_transformer_engine("--transformer-impl transformer_engine")
 
 
-def select_layer_spec(transformer_impl: Optional[str], qk_norm: bool):
-    """The draft layer spec of ``--transformer-impl`` (None: :func:`resolve_transformer_impl`)."""
+def check_attention_supported(transformer_impl: str, attention_type: str = "gqa") -> None:
+    """The TE spec covers the GQA draft only: ``--draft-attention mla`` needs the local spec
+    (its latent down-projections and norms are megaspark modules, and it was never run
+    under TE). Raises :class:`megaspark.config.ConfigError` naming both flags."""
+    if attention_type == "mla" and transformer_impl == TRANSFORMER_ENGINE:
+        from megaspark.config import ConfigError
+
+        raise ConfigError(
+            "--draft-attention mla is implemented for --transformer-impl local only; "
+            "--transformer-impl transformer_engine covers the GQA draft (use --transformer-impl local)"
+        )
+
+
+def select_layer_spec(transformer_impl: Optional[str], qk_norm: bool, attention_type: str = "gqa"):
+    """The draft layer spec of ``--transformer-impl`` (None: :func:`resolve_transformer_impl`).
+    An MLA draft (``attention_type="mla"``) resolves an unset ``--transformer-impl`` to
+    ``local``; an explicit ``transformer_engine`` is refused (:func:`check_attention_supported`)."""
+    if attention_type == "mla" and transformer_impl is None:
+        transformer_impl = LOCAL
     impl = resolve_transformer_impl(transformer_impl)
+    check_attention_supported(impl, attention_type)
     if impl == LOCAL:
         from megaspark.models.dspark.layer_specs import get_local_layer_spec
 
-        return get_local_layer_spec(qk_norm)
+        return get_local_layer_spec(qk_norm, attention_type)
     check_transformer_impl_usable(impl)
     return get_te_layer_spec(qk_norm)
 
@@ -175,11 +199,13 @@ def te_linear_classes() -> tuple[type, type]:
     return column, row
 
 
-def get_te_layer_spec(qk_norm: bool):
+def get_te_layer_spec(qk_norm: bool, attention_type: str = "gqa"):
     """Draft layer spec with Transformer Engine GEMMs (see the module docstring).
 
     Raises :class:`TransformerEngineUnavailableError` (naming ``--transformer-impl``) when
-    TE does not import. The GPU check is :func:`select_layer_spec`'s."""
+    TE does not import, and :class:`megaspark.config.ConfigError` for an MLA draft. The GPU
+    check is :func:`select_layer_spec`'s."""
+    check_attention_supported(TRANSFORMER_ENGINE, attention_type)
     require_transformer_engine("--transformer-impl transformer_engine")
     from megatron.core.transformer.mlp import MLP, MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
