@@ -35,7 +35,8 @@ def model_provider(args, dcfg, pre_process=True, post_process=True, vp_stage=Non
         bf16=args.bf16,
         **extra,
     )
-    spec = select_layer_spec(getattr(args, "transformer_impl", None), dcfg.qk_norm)
+    spec = select_layer_spec(getattr(args, "transformer_impl", None), dcfg.qk_norm,
+                             attention_type=dcfg.attention_type)
     model = DSparkModel(tcfg, dcfg, pre_process=pre_process, post_process=post_process,
                         seed=args.seed, vp_stage=vp_stage, layer_spec=spec)
     return model, tcfg

@@ -12,6 +12,8 @@ import argparse
 import os
 from typing import Optional, Sequence
 
+from megaspark.algorithms import ALGORITHMS, DEFAULT_ALGORITHM
+
 
 class ArgumentError(ValueError):
     """An impossible flag or flag combination (the message names the flags)."""
@@ -48,25 +50,46 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-query-groups", type=int, default=None, help="KV heads")
     g.add_argument("--kv-channels", type=int, default=None, help="head dimension")
     g.add_argument("--ffn-hidden-size", type=int, default=None)
+    g.add_argument("--draft-attention", default=None, choices=["gqa", "mla"],
+                   help="the draft's dual-source attention: gqa (the target's block) or mla "
+                   "(DeepSeek-V3 multi-head latent attention); default: mla for DeepSeek "
+                   "targets, else gqa")
+    g.add_argument("--q-lora-rank", type=int, default=None, help="mla: query compression rank (0: none)")
+    g.add_argument("--kv-lora-rank", type=int, default=None, help="mla: compressed KV (latent) width")
+    g.add_argument("--qk-nope-head-dim", type=int, default=None, help="mla: per-head q/k dims without RoPE")
+    g.add_argument("--qk-rope-head-dim", type=int, default=None, help="mla: per-head q/k dims with RoPE")
+    g.add_argument("--v-head-dim", type=int, default=None, help="mla: per-head value dims")
 
-    g = p.add_argument_group("DSpark algorithm")
-    g.add_argument("--block-size", type=int, default=7)
+    g = p.add_argument_group("algorithm (defaults come from --algorithm; see megaspark/algorithms.py)")
+    g.add_argument("--algorithm", default=None, choices=sorted(ALGORITHMS),
+                   help="preset: " + "; ".join(f"{a.name} = {a.summary}" for a in ALGORITHMS.values())
+                   + f" (default: {DEFAULT_ALGORITHM}; dflash-original with --training-mode vp_drafter)")
+    g.add_argument("--training-mode", default="standard", choices=["standard", "vp_drafter"],
+                   help="vp_drafter: each block shows a sampled prefix of real tokens (D2SD / "
+                   "SpecForge VP-drafter, Convention D)")
+    g.add_argument("--prefix-weight-base", type=float, default=None,
+                   help="vp_drafter: P(prefix = i) ∝ base**i over [min(2, B-1), B-1] (default 0.9)")
+    g.add_argument("--block-size", type=int, default=None, help="dspark/dflash 7, dflash-original 16")
     g.add_argument("--num-anchors", type=int, default=512, help="anchors (blocks) per sequence")
-    g.add_argument("--markov-rank", type=int, default=256, help="0 disables the Markov head")
+    g.add_argument("--markov-rank", type=int, default=None,
+                   help="Markov head rank (dspark 256); 0 disables the head")
     g.add_argument("--markov-head-type", default="vanilla", choices=["vanilla", "gated", "rnn"])
-    g.add_argument("--no-confidence-head", dest="confidence_head", action="store_false",
-                   help="train without the confidence head")
+    g.add_argument("--no-confidence-head", dest="confidence_head", action="store_false", default=None,
+                   help="train without the confidence head (dflash presets have none)")
     g.add_argument("--confidence-without-markov", dest="confidence_with_markov",
                    action="store_false", help="confidence head sees h_k only, not W1[prev]")
-    g.add_argument("--ce-loss-alpha", type=float, default=0.1)
-    g.add_argument("--l1-loss-alpha", type=float, default=0.9)
-    g.add_argument("--confidence-loss-alpha", type=float, default=1.0)
-    g.add_argument("--loss-decay-gamma", type=float, default=4.0,
-                   help="position decay exp(-k/gamma); <= 0 disables decay")
-    g.add_argument("--slot-convention", default="S", choices=["S", "D"],
-                   help="S: slot k predicts x[a+k+1] (DSpark, default); D: original DFlash")
+    g.add_argument("--ce-loss-alpha", type=float, default=None, help="dspark 0.1, dflash 1.0")
+    g.add_argument("--l1-loss-alpha", type=float, default=None, help="dspark 0.9, dflash 0.0")
+    g.add_argument("--confidence-loss-alpha", type=float, default=None, help="dspark 1.0")
+    g.add_argument("--loss-decay-gamma", type=float, default=None,
+                   help="position decay exp(-k/gamma), dspark/dflash 4, dflash-original 7; "
+                   "<= 0 disables decay")
+    g.add_argument("--slot-convention", default=None, choices=["S", "D"],
+                   help="S: slot k predicts x[a+k+1] (DSpark, DeepSpec DFlash); D: slot k "
+                   "predicts x[a+k] (original DFlash)")
     g.add_argument("--no-eval-mask-truncation", dest="truncate_eval_mask", action="store_false",
-                   help="do not drop slots after the first unsupervised label")
+                   default=None, help="do not drop slots after the first unsupervised label "
+                   "(dflash-original does not truncate)")
     g.add_argument("--draft-attention-backend", default="structured", choices=["structured", "dense"])
     g.add_argument("--loss-chunk-rows", type=int, default=512,
                    help="rows per chunk of the vocab-parallel loss (bounds peak memory)")
@@ -216,6 +239,34 @@ def validate_args(args, world_size: int) -> None:
             need(args.num_microbatches % pp == 0,
                  f"the interleaved schedule needs the number of micro-batches per step "
                  f"({args.num_microbatches}) to be a multiple of --pipeline-model-parallel-size {pp}")
+    from megaspark import algorithms
+
+    try:
+        algorithms.resolve(args)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
+    vp = args.training_mode == "vp_drafter"
+    need(vp or args.prefix_weight_base is None,
+         "--prefix-weight-base only applies to --training-mode vp_drafter")
+    if args.prefix_weight_base is None:
+        args.prefix_weight_base = 0.9
+    need(not vp or args.slot_convention == "D",
+         f"--training-mode vp_drafter is a Convention-D objective but --algorithm {args.algorithm} "
+         "uses Convention S: use --algorithm dflash-original (or --slot-convention D)")
+    need(not vp or args.block_size >= 2, "--training-mode vp_drafter needs --block-size >= 2")
+    need(args.prefix_weight_base > 0, "--prefix-weight-base must be > 0")
+    need(args.slot_convention == "S" or args.block_size >= 2,
+         "--block-size must be >= 2 with Convention D (slot 0 is the anchor)")
+    mla_flags = [f for f in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                             "v_head_dim") if getattr(args, f) is not None]
+    need(args.draft_attention != "gqa" or not mla_flags,
+         f"--{mla_flags[0].replace('_', '-') if mla_flags else ''} is an MLA shape flag but "
+         "--draft-attention is gqa")
+    need(args.draft_attention != "mla" or (args.num_query_groups is None and args.kv_channels is None),
+         "--num-query-groups / --kv-channels describe GQA heads; with --draft-attention mla use "
+         "--qk-nope-head-dim, --qk-rope-head-dim and --v-head-dim")
+    for f in mla_flags:
+        need(getattr(args, f) >= 0, f"--{f.replace('_', '-')} must be >= 0")
     need(args.block_size >= 1, "--block-size must be >= 1")
     need(args.num_anchors >= 1, "--num-anchors must be >= 1")
     need(args.markov_rank >= 0, "--markov-rank must be >= 0")
@@ -226,6 +277,13 @@ def validate_args(args, world_size: int) -> None:
 
     from megaspark.fp8 import validate_fp8_args
 
+    args.transformer_impl_explicit = getattr(args, "transformer_impl", None) is not None
+    if args.draft_attention == "mla":
+        need(getattr(args, "transformer_impl", None) != "transformer_engine"
+             and getattr(args, "fp8_format", None) is None,
+             "--draft-attention mla is implemented for --transformer-impl local only (no "
+             "Transformer Engine / --fp8-format); the TE spec covers the GQA draft")
+        args.transformer_impl = "local"
     validate_fp8_args(args)
     if args.bf16:
         platform.require_gpu("--bf16", "bf16 training with fp32 master weights")

@@ -5,9 +5,13 @@ One optimizer step on one data-parallel rank consumes ``num_microbatches`` micro
 (DESIGN.md decision 3): Σω over every micro-batch of the step on every DP rank, which
 depends only on the data and the sampled anchors, so it is known before any forward.
 
-Anchors are sampled per *sample* from a generator seeded by (seed, the sample's position
-in the global data stream), so a given sample gets the same blocks at any parallel
-layout, micro-batch size or resume point.
+Anchors (and VP-drafter prefix lengths) are sampled per *sample* from a generator seeded
+by (seed, the sample's position in the global data stream), so a given sample gets the
+same blocks at any parallel layout, micro-batch size or resume point.
+
+VP-drafter mode (§10) samples prefixes for training batches only: evaluation uses the
+anchor-only blocks the drafter sees at inference (π = 1, the DFlash objective), so its
+loss and τ are comparable with a plain DFlash run.
 """
 
 from __future__ import annotations
@@ -18,13 +22,13 @@ import os
 from dataclasses import dataclass
 import torch
 
-from megaspark.blocks import build_blocks, sample_anchors
+from megaspark.blocks import build_blocks, sample_anchors, sample_prefix_lengths
 from megaspark.config import DSparkConfig
 from megaspark.models.dspark.model import DraftInputs
 
 
-def _sample_seed(seed: int, stream_position: int) -> int:
-    digest = hashlib.sha256(f"anchors/{seed}/{stream_position}".encode()).digest()
+def _sample_seed(seed: int, stream_position: int, what: str = "anchors") -> int:
+    digest = hashlib.sha256(f"{what}/{seed}/{stream_position}".encode()).digest()
     return int.from_bytes(digest[:7], "little")
 
 
@@ -36,6 +40,17 @@ def sample_anchors_per_sample(loss_mask: torch.Tensor, num_anchors: int, seed: i
         anchors.append(a)
         keep.append(k)
     return torch.cat(anchors), torch.cat(keep)
+
+
+def sample_prefix_lengths_per_sample(dcfg: DSparkConfig, seed: int, stream_positions) -> torch.Tensor:
+    """VP-drafter prefix lengths π [b, N] (§10.2), one seeded draw per sample like the anchors,
+    so they too are independent of the parallel layout."""
+    rows = []
+    for pos in stream_positions:
+        g = torch.Generator().manual_seed(_sample_seed(seed, int(pos), "prefix"))
+        rows.append(sample_prefix_lengths((1, dcfg.num_anchors), dcfg.block_size,
+                                          dcfg.prefix_weight_base, generator=g))
+    return torch.cat(rows)
 
 
 @dataclass
@@ -51,14 +66,19 @@ def make_draft_inputs(
     seed: int,
     target=None,
     target_output=None,
+    training: bool = True,
 ) -> DraftInputs:
     """Blocks for one micro-batch plus the target's hidden states (computed here with
-    ``target`` unless ``target_output`` is given)."""
+    ``target`` unless ``target_output`` is given). ``training=False``: evaluation blocks
+    (no VP-drafter prefixes)."""
     anchors, keep = sample_anchors_per_sample(mb.loss_mask, dcfg.num_anchors, seed, mb.stream_positions)
+    prefix = None
+    if dcfg.training_mode == "vp_drafter" and training:
+        prefix = sample_prefix_lengths_per_sample(dcfg, seed, mb.stream_positions)
     blocks = build_blocks(
         mb.input_ids, mb.loss_mask, anchors, keep, block_size=dcfg.block_size,
         mask_token_id=dcfg.mask_token_id, gamma=dcfg.gamma, convention=dcfg.convention,
-        truncate_eval_mask=dcfg.truncate_eval_mask,
+        truncate_eval_mask=dcfg.truncate_eval_mask, prefix_lengths=prefix,
     )
     if target_output is None and target is not None:
         target_output = target.compute(mb.input_ids)
@@ -109,6 +129,7 @@ def prepare_micro_batches(
     seed: int,
     target=None,
     dp_group=None,
+    training: bool = True,
 ) -> tuple[list, torch.Tensor]:
     """Draft inputs for every micro-batch of a step and the global denominator."""
     from megatron.core import parallel_state
@@ -121,7 +142,7 @@ def prepare_micro_batches(
             with _borrow_tp_peers_threads():
                 out = target.compute(mb.input_ids)
         out = broadcast_target_output(out, mb, dcfg, compute)
-        inputs.append(make_draft_inputs(mb, dcfg, seed, target_output=out).to(_device()))
+        inputs.append(make_draft_inputs(mb, dcfg, seed, target_output=out, training=training).to(_device()))
     return inputs, global_denominator(inputs, dp_group)
 
 

@@ -19,6 +19,13 @@ def _log0(msg: str) -> None:
         print(msg, flush=True)
 
 
+def _attention_summary(dcfg) -> str:
+    if getattr(dcfg, "attention_type", "gqa") == "mla":
+        return (f"MLA {dcfg.num_attention_heads} heads (q rank {dcfg.q_lora_rank}, kv rank "
+                f"{dcfg.kv_lora_rank}, qk {dcfg.qk_nope_head_dim}+{dcfg.qk_rope_head_dim}, v {dcfg.v_head_dim})")
+    return f"heads {dcfg.num_attention_heads}/{dcfg.num_query_groups}x{dcfg.kv_channels}"
+
+
 def load_target(args):
     """The target provider of --target-backend. The built-in target is resolved (converted
     on first use) on rank 0 first, then everywhere."""
@@ -98,7 +105,10 @@ def pretrain(model_provider, forward_step, argv=None):
         num_layers=args.num_layers, num_attention_heads=args.num_attention_heads,
         num_query_groups=args.num_query_groups, kv_channels=args.kv_channels,
         ffn_hidden_size=args.ffn_hidden_size, target_layer_ids=args.target_layer_ids,
-        num_target_taps=args.num_target_taps,
+        num_target_taps=args.num_target_taps, attention_type=args.draft_attention,
+        q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank,
+        qk_nope_head_dim=args.qk_nope_head_dim, qk_rope_head_dim=args.qk_rope_head_dim,
+        v_head_dim=args.v_head_dim,
     )
     algorithm = dict(
         block_size=args.block_size, num_anchors=args.num_anchors, markov_rank=args.markov_rank,
@@ -109,12 +119,19 @@ def pretrain(model_provider, forward_step, argv=None):
         alpha_ce=args.ce_loss_alpha, alpha_l1=args.l1_loss_alpha,
         alpha_conf=args.confidence_loss_alpha if args.confidence_head else 0.0,
         attention_backend=args.draft_attention_backend, loss_chunk_rows=args.loss_chunk_rows,
+        training_mode=args.training_mode, prefix_weight_base=args.prefix_weight_base,
     )
     dcfg = DSparkConfig.from_hf_config(hf_config, **overrides, **algorithm)
     args.target_layer_ids_resolved = list(dcfg.target_layer_ids)
     if args.mask_token_id is not None:
         dcfg.mask_token_id = args.mask_token_id
     dcfg.validate(args.tensor_model_parallel_size)  # before any weights are loaded
+    if dcfg.attention_type == "mla":  # e.g. a DeepSeek target without --draft-attention
+        from megaspark.models.dspark.te_spec import LOCAL, check_attention_supported
+
+        if not args.transformer_impl_explicit and args.fp8_format is None:
+            args.transformer_impl = LOCAL
+        check_attention_supported(args.transformer_impl, dcfg.attention_type)
 
     target = load_target(args)
     if args.mask_token_id is None:
@@ -150,10 +167,12 @@ def pretrain(model_provider, forward_step, argv=None):
     n_train = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
     _log0(
         f"megaspark: target {args.target_model} ({hf_config.model_type}, {dcfg.num_target_layers} "
-        f"layers, taps {dcfg.target_layer_ids}) | draft {dcfg.num_layers} layers, heads "
-        f"{dcfg.num_attention_heads}/{dcfg.num_query_groups}x{dcfg.kv_channels}, block "
-        f"{dcfg.block_size}, anchors {dcfg.num_anchors}, markov {dcfg.markov_rank} "
-        f"{dcfg.markov_head_type}, mask token {dcfg.mask_token_id} | TP {args.tensor_model_parallel_size} "
+        f"layers, taps {dcfg.target_layer_ids}) | {args.algorithm}"
+        f"{' (vp_drafter)' if dcfg.training_mode == 'vp_drafter' else ''}, convention "
+        f"{dcfg.convention}: draft {dcfg.num_layers} layers, {_attention_summary(dcfg)}, block "
+        f"{dcfg.block_size}, anchors {dcfg.num_anchors}, markov {dcfg.markov_rank}"
+        f"{' ' + dcfg.markov_head_type if dcfg.has_markov else ''}, confidence "
+        f"{'on' if dcfg.confidence_head else 'off'}, mask token {dcfg.mask_token_id} | TP {args.tensor_model_parallel_size} "
         f"PP {args.pipeline_model_parallel_size} DP {args.data_parallel_size}, "
         f"{args.num_microbatches} micro-batches/step | trainable params on this rank {n_train:,} | "
         f"data {len(train_data)} train / {len(valid_data) if valid_data else 0} valid "

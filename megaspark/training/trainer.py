@@ -225,7 +225,8 @@ class Trainer:
         max_iters = max(1, min(args.eval_iters, len(self.valid_data) // per_iter))
         for i in range(max_iters):
             micro = self._micro_batches(self.valid_data, i * per_iter, 1, shuffle=False)
-            inputs, den = prepare_micro_batches(micro, self.dcfg, args.seed, self.target, self.dp_group)
+            inputs, den = prepare_micro_batches(micro, self.dcfg, args.seed, self.target, self.dp_group,
+                                                training=False)
             reports.extend(self._run_schedule(inputs, den, forward_only=True) or [])
         for chunk in self.ddp_chunks:
             chunk.train()
