@@ -151,3 +151,36 @@ def clone_cfg(cfg: dict, **overrides) -> dict:
     out = copy.deepcopy(cfg)
     out.update(overrides)
     return out
+
+
+def leak_cases(d: DSparkConfig, inputs, h_with, generator: torch.Generator) -> list:
+    """§13 item 11 perturbations: for every kept block j, ``h_with(**changed inputs)`` under
+    changes block j must not see (context ≥ a_j, other blocks' noise ids and positions) and
+    ones it must see (context a_j − 1, its own last slot). Returns (sample, block, what
+    changed, must h[sample, block] change?, new h) tuples."""
+    B, S = d.block_size, inputs.seq_len
+    g = generator
+    cases = []
+    for b in range(inputs.keep.shape[0]):
+        for j in range(inputs.keep.shape[1]):
+            if not bool(inputs.keep[b, j]):
+                continue
+            a = int(inputs.anchors[b, j])
+            f = inputs.context_features.clone()
+            f[b, a:] += 5.0 * torch.randn(f[b, a:].shape, generator=g)
+            cases.append((b, j, "context>=a", False, h_with(context_features=f)))
+            noise = inputs.noise_ids.clone()
+            pos = inputs.position_ids.clone()
+            for jj in range(inputs.keep.shape[1]):
+                if jj != j:
+                    noise[b, jj * B:(jj + 1) * B] = torch.randint(0, d.vocab_size, (B,), generator=g)
+                    pos[b, S + jj * B:S + (jj + 1) * B] += 3
+            cases.append((b, j, "other blocks", False, h_with(noise_ids=noise, position_ids=pos)))
+            if a >= 1:
+                f = inputs.context_features.clone()
+                f[b, a - 1] += 5.0 * torch.randn(f[b, a - 1].shape, generator=g)
+                cases.append((b, j, "context a-1", True, h_with(context_features=f)))
+            noise = inputs.noise_ids.clone()  # slot 0 sees later slots of its own block
+            noise[b, j * B + B - 1] = (noise[b, j * B + B - 1] + 1) % d.vocab_size
+            cases.append((b, j, "own last slot", True, h_with(noise_ids=noise)))
+    return cases

@@ -68,12 +68,21 @@ def test_explicit_flags_override_presets(tmp_path):
     (("--prefix-weight-base", "0.5"), ("--prefix-weight-base", "vp_drafter")),
     (("--training-mode", "vp_drafter", "--prefix-weight-base", "0"), ("--prefix-weight-base must be > 0",)),
     (("--algorithm", "dflash-original", "--block-size", "1"), ("--block-size",)),
+    (("--draft-attention", "gqa", "--kv-lora-rank", "8"), ("--kv-lora-rank", "gqa")),
+    (("--draft-attention", "mla", "--kv-channels", "16"), ("--kv-channels", "--qk-nope-head-dim")),
+    (("--draft-attention", "mla", "--transformer-impl", "transformer_engine"),
+     ("--draft-attention mla", "--transformer-impl local")),
+    (("--draft-attention", "mla", "--v-head-dim", "-1"), ("--v-head-dim must be >= 0",)),
 ])
 def test_contradictions_are_refused(tmp_path, flags, needles):
     with pytest.raises(ArgumentError) as e:
         _args(tmp_path, *flags)
     for needle in needles:
         assert needle in str(e.value), str(e.value)
+
+
+def test_mla_selects_the_local_layer_spec(tmp_path):
+    assert _args(tmp_path, "--draft-attention", "mla").transformer_impl == "local"
 
 
 def test_config_refuses_vp_with_convention_s():

@@ -231,35 +231,12 @@ def _leak(tp):
         batch = _leak_batch(d)
         inputs = dc.draft_inputs(d, batch)
         model = dc.build_model(d, weights, tp=tp)
-        B, S = d.block_size, inputs.seq_len
         base = _h(model, inputs)
 
         def h_with(**changes):
             return _h(model, dataclasses.replace(inputs, **changes))
 
-        cases = []  # (sample, block, what changed, must h[sample, block] change?, new h)
-        for b in range(2):
-            for j in range(inputs.keep.shape[1]):
-                if not bool(inputs.keep[b, j]):
-                    continue
-                a = int(inputs.anchors[b, j])
-                f = inputs.context_features.clone()
-                f[b, a:] += 5.0 * torch.randn(f[b, a:].shape, generator=g)
-                cases.append((b, j, "context>=a", False, h_with(context_features=f)))
-                noise = inputs.noise_ids.clone()
-                pos = inputs.position_ids.clone()
-                for jj in range(inputs.keep.shape[1]):
-                    if jj != j:
-                        noise[b, jj * B:(jj + 1) * B] = torch.randint(0, d.vocab_size, (B,), generator=g)
-                        pos[b, S + jj * B:S + (jj + 1) * B] += 3
-                cases.append((b, j, "other blocks", False, h_with(noise_ids=noise, position_ids=pos)))
-                if a >= 1:
-                    f = inputs.context_features.clone()
-                    f[b, a - 1] += 5.0 * torch.randn(f[b, a - 1].shape, generator=g)
-                    cases.append((b, j, "context a-1", True, h_with(context_features=f)))
-                noise = inputs.noise_ids.clone()  # slot 0 sees later slots of its own block
-                noise[b, j * B + B - 1] = (noise[b, j * B + B - 1] + 1) % d.vocab_size
-                cases.append((b, j, "own last slot", True, h_with(noise_ids=noise)))
+        cases = dc.leak_cases(d, inputs, h_with, g)
         out[backend] = dict(base=base, cases=cases)
     return out
 

@@ -487,34 +487,13 @@ def _leak(d, weights, tp):
     batch = _leak_batch(d)
     model = dc.build_model(d, weights, tp=tp)
     inputs = dc.draft_inputs(d, batch)
-    B, S = d.block_size, inputs.seq_len
 
     def h(**changes):
         with torch.no_grad():
             return model(dataclasses.replace(inputs, labels=None, **changes)).clone()
 
-    base, cases = h(), []
-    for b in range(2):
-        for j in range(inputs.keep.shape[1]):
-            if not bool(inputs.keep[b, j]):
-                continue
-            a = int(inputs.anchors[b, j])
-            f = inputs.context_features.clone()
-            f[b, a:] += 5.0 * torch.randn(f[b, a:].shape, generator=g)
-            cases.append((b, j, "context>=a", False, h(context_features=f)))
-            noise, pos = inputs.noise_ids.clone(), inputs.position_ids.clone()
-            for jj in range(inputs.keep.shape[1]):
-                if jj != j:
-                    noise[b, jj * B:(jj + 1) * B] = torch.randint(0, d.vocab_size, (B,), generator=g)
-                    pos[b, S + jj * B:S + (jj + 1) * B] += 3
-            cases.append((b, j, "other blocks", False, h(noise_ids=noise, position_ids=pos)))
-            if a >= 1:
-                f = inputs.context_features.clone()
-                f[b, a - 1] += 5.0 * torch.randn(f[b, a - 1].shape, generator=g)
-                cases.append((b, j, "context a-1", True, h(context_features=f)))
-            noise = inputs.noise_ids.clone()
-            noise[b, j * B + B - 1] = (noise[b, j * B + B - 1] + 1) % d.vocab_size
-            cases.append((b, j, "own last slot", True, h(noise_ids=noise)))
+    base = h()
+    cases = dc.leak_cases(d, inputs, h, g)
     return dict(base=base, cases=cases)
 
 

@@ -111,6 +111,12 @@ def dense_mask_attention(q, k, v, allowed: torch.Tensor, scale: Optional[float] 
     return (out * any_visible[:, None, None, :, None]).to(q.dtype)
 
 
+def append_to_cache(cache: dict, **new: torch.Tensor) -> None:
+    """Append newly verified context rows (dim 2 = positions) to an inference cache."""
+    for name, t in new.items():
+        cache[name] = torch.cat([cache[name], t], dim=2) if name in cache else t
+
+
 @dataclass
 class DualSourceAttentionSubmodules:
     linear_q: type = tensor_parallel.ColumnParallelLinear
@@ -196,11 +202,7 @@ class DualSourceAttention(MegatronModule):
         bidirectional. block [B, b, H] (normed) → [B, b, H]."""
         if context_new is not None and context_new.shape[0] > 0:
             k_new, v_new = self._project_kv(context_new, ctx_cos, ctx_sin)
-            if "k" in cache:
-                cache["k"] = torch.cat([cache["k"], k_new], dim=2)
-                cache["v"] = torch.cat([cache["v"], v_new], dim=2)
-            else:
-                cache["k"], cache["v"] = k_new, v_new
+            append_to_cache(cache, k=k_new, v=v_new)
         B, b, _ = block.shape
         hd, nq, nkv = self.head_dim, self.heads_per_rank, self.groups_per_rank
         q, _ = self.linear_q(block)

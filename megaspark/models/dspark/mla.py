@@ -64,6 +64,7 @@ from megatron.core.transformer.spec_utils import build_module
 
 from megaspark.models.dspark.attention import (
     AttentionInputs,
+    append_to_cache,
     dense_mask_attention,
     structured_attention_with_keep,
 )
@@ -203,11 +204,7 @@ class DualSourceMLA(MegatronModule):
         block [B, b, H] (normed) → [B, b, H]."""
         if context_new is not None and context_new.shape[0] > 0:
             lat_new, pe_new = self._compress(context_new, ctx_cos, ctx_sin)
-            if "latent" in cache:
-                cache["latent"] = torch.cat([cache["latent"], lat_new], dim=2)
-                cache["k_pe"] = torch.cat([cache["k_pe"], pe_new], dim=2)
-            else:
-                cache["latent"], cache["k_pe"] = lat_new, pe_new
+            append_to_cache(cache, latent=lat_new, k_pe=pe_new)
         B, b, _ = block.shape
         q_nope, q_pe = self._queries(block)
         q_pe = apply_rope_interleaved(q_pe, blk_cos, blk_sin)
