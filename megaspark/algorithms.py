@@ -32,19 +32,6 @@ class Algorithm:
     pinned: dict = field(default_factory=dict)  # dest -> (value, flag, why) that may not change
 
 
-# flags the presets fill in (argparse default None)
-PRESET_FLAGS = {
-    "block_size": "--block-size",
-    "markov_rank": "--markov-rank",
-    "confidence_head": "--no-confidence-head",
-    "ce_loss_alpha": "--ce-loss-alpha",
-    "l1_loss_alpha": "--l1-loss-alpha",
-    "confidence_loss_alpha": "--confidence-loss-alpha",
-    "loss_decay_gamma": "--loss-decay-gamma",
-    "slot_convention": "--slot-convention",
-    "truncate_eval_mask": "--no-eval-mask-truncation",
-}
-
 _DFLASH_PINNED = {
     "markov_rank": (0, "--markov-rank", "DFlash has no Markov head"),
     "confidence_head": (False, "--no-confidence-head", "DFlash has no confidence head"),
@@ -89,7 +76,8 @@ def resolve(args) -> Algorithm:
         given = getattr(args, dest)
         if given is not None and given != value:
             shown = flag if isinstance(given, bool) else f"{flag} {given}"
-            raise ValueError(f"--algorithm {name}: {why}; drop {shown} (or use --algorithm dspark)")
+            other = "dflash" if dest == "slot_convention" else "dspark"
+            raise ValueError(f"--algorithm {name}: {why}; drop {shown} (or use --algorithm {other})")
     for dest, value in algo.defaults.items():
         if getattr(args, dest) is None:
             setattr(args, dest, value)

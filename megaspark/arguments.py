@@ -19,12 +19,22 @@ class ArgumentError(ValueError):
     """An impossible flag or flag combination (the message names the flags)."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show ``(default: …)`` only for real defaults: flags left at None are filled in later
+    (from the --algorithm preset or the target) and their help text says how."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pretrain_dspark.py",
         description="Train a DSpark speculative-decoding draft with tensor/pipeline/data "
         "parallelism on megatron-core, online against a frozen target model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     g = p.add_argument_group("target model")
     g.add_argument("--target-model", default="builtin:smollm2-135m",
@@ -241,10 +251,14 @@ def validate_args(args, world_size: int) -> None:
                  f"({args.num_microbatches}) to be a multiple of --pipeline-model-parallel-size {pp}")
     from megaspark import algorithms
 
+    conf_alpha_given = args.confidence_loss_alpha
     try:
         algorithms.resolve(args)
     except ValueError as e:
         raise ArgumentError(str(e)) from None
+    need(args.confidence_head or not conf_alpha_given,
+         f"--confidence-loss-alpha {conf_alpha_given} has no effect without a confidence head "
+         f"(--algorithm {args.algorithm}{' / --no-confidence-head' if args.algorithm == 'dspark' else ''})")
     vp = args.training_mode == "vp_drafter"
     need(vp or args.prefix_weight_base is None,
          "--prefix-weight-base only applies to --training-mode vp_drafter")

@@ -434,6 +434,11 @@ class DSparkConfig:
             given = [MLA_FLAGS[k] for k, v in mla_given.items() if v is not None]
             if given:
                 raise ConfigError(f"{', '.join(given)} only apply to --draft-attention mla")
+        if attention_type == "mla" and (num_query_groups is not None or kv_channels is not None):
+            raise ConfigError(
+                "--num-query-groups / --kv-channels describe GQA heads but the draft uses MLA"
+                f"{' (the default for ' + model_type + ' targets)' if mla_target else ''}: use "
+                "--qk-nope-head-dim, --qk-rope-head-dim and --v-head-dim, or --draft-attention gqa")
         qk_norm, bias_default = SUPPORTED_FAMILIES[model_type]
         hidden = int(cfg.hidden_size)
         heads = int(cfg.num_attention_heads)

@@ -234,15 +234,32 @@ def dspark_loss_sums(
                     metrics=metrics)
 
 
+def _from_first_predicted_slot(e, c_star, first_slot):
+    """Move each block's first supervised slot to ``first_slot`` (and the rest after it).
+
+    Only VP-drafter blocks (§10) change: their first π slots show real tokens and are
+    unsupervised, so acceptance counts from slot π. Anchor-only blocks always supervise
+    ``first_slot`` (the sampler guarantees label a+1) and are returned unchanged."""
+    B = e.shape[-1]
+    supervised = e[..., first_slot:] > 0
+    start = torch.where(supervised.any(-1), supervised.float().argmax(-1), 0)  # offset past first_slot
+    if not bool((start > 0).any()):
+        return e, c_star
+    src = torch.arange(B, device=e.device) + start[..., None]
+    inside = (src < B).to(e.dtype)
+    src = src.clamp(max=B - 1)
+    return e.gather(-1, src) * inside, c_star.gather(-1, src) * inside
+
+
 def _acceptance_metrics(metrics, c_star, eval_mask, keep, first_slot):
-    e = eval_mask.float()
+    e, c_star = _from_first_predicted_slot(eval_mask.float(), c_star, first_slot)
     count = e.sum(dim=(0, 1))  # [B]
     accepted = (e * c_star).sum(dim=(0, 1))
     for k in range(first_slot, e.shape[-1]):
         metrics[f"accept_rate@{k}"] = (accepted[k], count[k])
         metrics[f"count@{k}"] = (count[k], torch.ones_like(count[k]))
     survive = torch.cumprod((e * c_star)[..., first_slot:], dim=-1)  # [b, N, B']
-    valid_block = keep.bool() & eval_mask[..., first_slot:].any(dim=-1)
+    valid_block = keep.bool() & (e[..., first_slot:] > 0).any(dim=-1)
     tau_blocks = 1.0 + survive.sum(dim=-1)
     metrics["tau"] = ((tau_blocks * valid_block).sum(), valid_block.float().sum())
 

@@ -73,6 +73,8 @@ def test_explicit_flags_override_presets(tmp_path):
     (("--draft-attention", "mla", "--transformer-impl", "transformer_engine"),
      ("--draft-attention mla", "--transformer-impl local")),
     (("--draft-attention", "mla", "--v-head-dim", "-1"), ("--v-head-dim must be >= 0",)),
+    (("--no-confidence-head", "--confidence-loss-alpha", "0.5"), ("--confidence-loss-alpha 0.5",)),
+    (("--algorithm", "dflash", "--confidence-loss-alpha", "1"), ("no effect without a confidence head",)),
 ])
 def test_contradictions_are_refused(tmp_path, flags, needles):
     with pytest.raises(ArgumentError) as e:
@@ -83,6 +85,57 @@ def test_contradictions_are_refused(tmp_path, flags, needles):
 
 def test_mla_selects_the_local_layer_spec(tmp_path):
     assert _args(tmp_path, "--draft-attention", "mla").transformer_impl == "local"
+
+
+def test_gqa_shape_flags_are_refused_for_an_mla_draft_of_a_deepseek_target(tmp_path):
+    import transformers
+
+    hf = transformers.DeepseekV3Config(hidden_size=64, num_attention_heads=4, num_hidden_layers=6,
+                                       qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16,
+                                       kv_lora_rank=32, q_lora_rank=None, vocab_size=320)
+    assert DSparkConfig.from_hf_config(hf, num_target_taps=2).attention_type == "mla"
+    with pytest.raises(ConfigError, match="--kv-channels.*MLA.*deepseek_v3"):
+        DSparkConfig.from_hf_config(hf, num_target_taps=2, kv_channels=16)
+    assert DSparkConfig.from_hf_config(hf, num_target_taps=2, attention_type="gqa",
+                                       kv_channels=16).attention_type == "gqa"
+
+
+def test_vp_prefixes_only_in_training_batches_and_layout_independent():
+    from megaspark.training.batches import MicroBatch, make_draft_inputs
+
+    d = _dflash_d(training_mode="vp_drafter")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(8, 64, (3, 24), generator=g)
+    mb = MicroBatch(ids, torch.ones_like(ids), [10, 11, 12])
+    train = make_draft_inputs(mb, d, seed=5)
+    evaluation = make_draft_inputs(mb, d, seed=5, training=False)
+    anchor_only = make_draft_inputs(mb, _dflash_d(), seed=5)
+    B = d.block_size
+    shown = train.noise_ids.reshape(3, -1, B)[..., 1:] != d.mask_token_id
+    assert shown.any() and train.weights.reshape(3, -1, B)[..., 1].eq(0).all()  # π >= 2 everywhere
+    assert torch.equal(evaluation.noise_ids, anchor_only.noise_ids)
+    assert torch.equal(evaluation.weights, anchor_only.weights)
+    # sample 11 gets the same anchors and prefixes alone as in the micro-batch of three
+    alone = make_draft_inputs(MicroBatch(ids[1:2], torch.ones_like(ids[1:2]), [11]), d, seed=5)
+    assert torch.equal(alone.noise_ids[0], train.noise_ids[1])
+    assert torch.equal(alone.weights[0], train.weights[1])
+    assert not torch.equal(make_draft_inputs(mb, d, seed=6).noise_ids, train.noise_ids)
+
+
+def test_vp_acceptance_metrics_count_from_the_first_masked_slot():
+    """Training τ of VP blocks: acceptance starts at slot π (not at slot 1, which shows a
+    real token); anchor-only blocks are unchanged. §13 item 16 example: τ = 2.98."""
+    from megaspark.losses import _acceptance_metrics
+
+    c = torch.tensor([[[0.0, 0.0, 0.0, 0.9, 0.8, 0.5],   # VP block, π = 3
+                       [0.0, 0.9, 0.8, 0.5, 0.7, 0.6]]])  # anchor-only block (Convention D)
+    e = torch.tensor([[[0, 0, 0, 1, 1, 1], [0, 1, 1, 1, 0, 0]]], dtype=torch.bool)
+    m = {}
+    _acceptance_metrics(m, c, e, torch.ones(1, 2, dtype=torch.bool), first_slot=1)
+    tau = float(m["tau"][0] / m["tau"][1])
+    assert tau == pytest.approx((2.98 + 2.98) / 2)
+    assert float(m["accept_rate@1"][0] / m["accept_rate@1"][1]) == pytest.approx(0.9)
+    assert float(m["count@3"][0]) == 2.0 and float(m["count@4"][0]) == 0.0
 
 
 def test_config_refuses_vp_with_convention_s():

@@ -96,6 +96,12 @@ def test_exports_record_the_algorithm(trained):
     baseline = _convert(trained["dflash"], root / "hf-baseline")
     assert baseline["markov_rank"] == 0 and baseline["enable_confidence_head"] is False
     assert baseline["sample_from_anchor"] is True  # DeepSpec's DFlash baseline is Convention S
+    # ... and never the z-lab DFlash class, whose loaders read Convention D
+    baseline_sf = _convert(trained["dflash"], root / "hf-baseline-sf", "--layout", "specforge")
+    assert baseline_sf["architectures"] == ["DSparkDraftModel"]
+    assert baseline_sf["dflash_config"]["projector_type"] == "dspark"
+    flash_ds = _convert(trained["dflash-original"], root / "hf-dflash-ds")
+    assert flash_ds["speculators_model_type"] == "dspark"  # DSpark class + Convention D: tagged
     vp = _convert(trained["vp_drafter"], root / "hf-vp", "--layout", "specforge")
     assert vp["dflash_config"]["training_mode"] == "vp_drafter"
     assert vp["dflash_config"]["prefix_weight_base"] == 0.8

@@ -182,9 +182,10 @@ def test_specforge_layout(tmp_path):
     assert tool("validate_hf_export.py", tmp_path / "s", "--engine", "sglang").returncode == 0
     r = tool("validate_hf_export.py", tmp_path / "s", "--engine", "vllm")
     assert r.returncode == 1 and "vLLM reads DSpark fields at the top level" in r.stdout
-    # embeddings on request; DFlash drafts get the DFlash class
+    # embeddings on request; a Convention-S DFlash baseline keeps the DSpark class (the z-lab
+    # DFlashDraftModel class means Convention D to its loaders)
     _, _, _, flash = export_case("S_dflash_rank0_noconf", tmp_path / "f", "specforge", include_embeddings=True)
-    assert flash["architectures"] == ["DFlashDraftModel"]
+    assert flash["architectures"] == ["DSparkDraftModel"] and flash["sample_from_anchor"] is True
     assert "embed_tokens.weight" in load_file(tmp_path / "f" / "model.safetensors")
 
 

@@ -237,6 +237,9 @@ def check_config(cfg: dict, engines, report: Report) -> dict:
         report.problem("sglang: refuses checkpoints tagged speculators_model_type 'dspark' (Convention D)")
     elif convention == "D" and "sglang" in engines:
         report.problem("sglang: serves Convention S drafts only, this export is Convention D")
+    if convention == "D" and "vllm" in engines and "DFlashDraftModel" not in (cfg.get("architectures") or []):
+        report.problem("vllm: Qwen3DSparkForCausalLM reads slots as Convention S; this export is "
+                       "Convention D (serve it as a DFlash draft, or train with Convention S)")
 
     mla = None
     if cfg.get("draft_attention") == "mla" or cfg.get("kv_lora_rank"):

@@ -14,7 +14,7 @@ export OMP_NUM_THREADS=1
 for algo in dspark dflash; do
   extra=()
   [ "$algo" = dspark ] && extra=(--markov-rank 64)
-  torchrun --nproc-per-node 2 pretrain_dspark.py --algorithm "$algo" "${extra[@]}" \
+  torchrun --nproc-per-node 2 pretrain_dspark.py --algorithm "$algo" ${extra[@]+"${extra[@]}"} \
     --target-model builtin:smollm2-135m --data-path "$DATA" --tensor-model-parallel-size 2 \
     --num-layers 2 --block-size 7 --num-anchors 32 \
     --seq-length 256 --micro-batch-size 2 --global-batch-size 4 \

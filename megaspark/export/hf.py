@@ -36,7 +36,9 @@ Slot convention (§0; DESIGN.md decision 1). Every export records
 ``sample_from_anchor`` (true for S: slot k predicts the token after position a+k).
 Convention-D exports additionally carry ``speculators_model_type: "dspark"``, the tag
 by which SGLang recognises — and refuses — Convention-D checkpoints (§9.3) instead of
-serving them at acceptance ≈ 1. On import the convention is taken from
+serving them at acceptance ≈ 1; the one exception is a plain DFlash draft in the
+``specforge`` layout, exported as z-lab's ``DFlashDraftModel``, whose loaders assume
+Convention D. On import the convention is taken from
 ``dspark_slot_convention``, else ``sample_from_anchor``, else that tag or a
 ``DFlashDraftModel`` architecture (D), else S (DeepSpec).
 
@@ -378,7 +380,9 @@ def _architecture(d: DSparkConfig) -> str:
 
 
 def _is_dflash(d: DSparkConfig) -> bool:
-    return not d.has_markov and not d.confidence_head
+    """A z-lab/SpecForge DFlash draft: no heads *and* Convention D (what DFlash loaders assume).
+    DeepSpec's Convention-S DFlash baseline stays a DSpark class with ``markov_rank: 0``."""
+    return not d.has_markov and not d.confidence_head and d.convention == "D"
 
 
 @dataclass(frozen=True)
@@ -525,9 +529,9 @@ def build_hf_config(dcfg: DSparkConfig, target_config, layout: str = "deepspec",
             _set(cfg, f.key_for(layout), f.to_config(dcfg))
     for path, value in spec.constants:
         _set(cfg, path, value(dcfg) if callable(value) else value)
-    if dcfg.convention == "D" and not _is_dflash(dcfg):
-        # a Convention-D *DSpark* draft: the tag by which SGLang refuses it (§9.3). A plain
-        # DFlash draft is Convention D by definition and DFlash loaders expect exactly that.
+    if dcfg.convention == "D" and not (layout == "specforge" and _is_dflash(dcfg)):
+        # the tag by which SGLang refuses a Convention-D DSpark-class checkpoint (§9.3); only
+        # the z-lab DFlashDraftModel class goes without it (DFlash loaders expect Convention D)
         cfg["speculators_model_type"] = "dspark"
     if target_name is not None:
         cfg["dspark_target"] = str(target_name)
