@@ -67,8 +67,10 @@ def main(argv=None):
     from megaspark.arguments import ArgumentError
     from megaspark.config import ConfigError
     from megaspark.data.chat import DataError
+    from megaspark.memory_plan import MemoryPlanError
     from megaspark.export.hf import ExportError
     from megaspark.models.dspark.te_spec import TransformerEngineUnavailableError
+    from megaspark.targets.base import TargetError
     from megaspark.targets.offline import HiddenStatesCacheError
     from megaspark.training.checkpointing import CheckpointError
     from megaspark.training.pretrain import pretrain
@@ -76,7 +78,7 @@ def main(argv=None):
     try:
         pretrain(model_provider, forward_step, argv)
     except (ArgumentError, ConfigError, CheckpointError, DataError, ExportError,
-            TransformerEngineUnavailableError, HiddenStatesCacheError) as e:
+            TransformerEngineUnavailableError, HiddenStatesCacheError, TargetError, MemoryPlanError) as e:
         print(f"pretrain_dspark.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:

@@ -138,7 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--bf16", action="store_true", help="bf16 parameters with fp32 master weights (GPU)")
+    g.add_argument("--bf16", action="store_true",
+                   help="bf16 parameters and activations with fp32 master weights (megatron-core "
+                   "mixed-precision optimizer); softmaxes and losses stay fp32. Works on CPU too")
+    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                   help="compute device of every rank: auto = this rank's GPU (LOCAL_RANK) when "
+                   "there is one, else the CPU")
+    g.add_argument("--target-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="dtype the target runs in and its features travel in: auto = bf16 with "
+                   "--bf16 or on a GPU, fp32 otherwise")
+    g.add_argument("--memory-budget-gb", type=float, default=None,
+                   help="refuse to start when the start-up memory plan of a rank exceeds this "
+                   "(default: the device's total memory on GPU; no limit on CPU)")
 
     from megaspark.fp8 import add_fp8_arguments
     from megaspark.targets.sglang import add_sglang_arguments
@@ -299,8 +310,9 @@ def validate_args(args, world_size: int) -> None:
              "Transformer Engine / --fp8-format); the TE spec covers the GQA draft")
         args.transformer_impl = "local"
     validate_fp8_args(args)
-    if args.bf16:
-        platform.require_gpu("--bf16", "bf16 training with fp32 master weights")
+    if args.device == "cuda":
+        platform.require_gpu("--device cuda", "a CUDA device")
+    need(args.memory_budget_gb is None or args.memory_budget_gb > 0, "--memory-budget-gb must be > 0")
     if args.target_backend == "sglang":
         platform.require_gpu("--target-backend sglang", "a co-located SGLang engine")
     need(args.target_backend != "offline" or args.hidden_states_dir is not None,

@@ -38,6 +38,7 @@ __all__ = [
     "prefix_length_pmf",
     "sample_prefix_lengths",
     "dense_attention_mask",
+    "align_to_blocks",
     "context_lengths",
 ]
 
@@ -293,6 +294,17 @@ class Blocks:
     convention: str
     prefix_lengths: Tensor | None = None  # Long [Bt,N] VP-drafter π (§10), convention D only
 
+    def to(self, device) -> "Blocks":
+        """A copy with every tensor on ``device`` (blocks are built on the host, like a data
+        loader's output, and moved to the compute device once)."""
+        import dataclasses
+
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, Tensor):
+                moved[name] = value.to(device, non_blocking=True)
+        return Blocks(**moved)
+
     @property
     def batch_size(self) -> int:
         return self.anchors.shape[0]
@@ -454,6 +466,14 @@ def build_blocks(
 # --------------------------------------------------------------------------------------------
 # §3.4 attention mask
 # --------------------------------------------------------------------------------------------
+
+def align_to_blocks(last_hidden: torch.Tensor, aligned_index: torch.Tensor) -> torch.Tensor:
+    """The target's last hidden state [b, S, H] at the aligned index of every slot (§3.6)
+    → [b, N, B, H]."""
+    b, N, B = aligned_index.shape
+    idx = aligned_index.reshape(b, N * B, 1).expand(-1, -1, last_hidden.shape[-1])
+    return last_hidden.gather(1, idx).reshape(b, N, B, -1)
+
 
 def context_lengths(anchors: Tensor, keep: Tensor) -> Tensor:
     """Visible context keys per block, Long [Bt, N]: ``a_j`` if kept else 0 (§3.4).

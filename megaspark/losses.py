@@ -11,7 +11,8 @@ the frozen LM head and of ``W2``, so it only ever forms its shard of the correct
 * c*  = clamp(1 − ½·L1, 0, 1), detached, the confidence target and the analytic acceptance.
 
 Rows are processed in chunks under activation checkpointing, so peak memory is
-``O(chunk · V/tp)`` instead of ``O(N·B · V)``, and rows outside the eval mask are skipped.
+``O(chunk · V/tp)`` instead of ``O(N·B · V)``, and rows outside the eval mask are skipped
+when their indices come from the host (no shape here depends on device data).
 The results equal the unchunked single-device formula.
 
 Every term is returned as a *sum* weighted by ω together with the local denominator
@@ -134,7 +135,7 @@ def vocab_parallel_ce_l1(
             need_l1,
         )
         if checkpoint_chunks and torch.is_grad_enabled():
-            ce, l1 = checkpoint(_chunk_terms, *args, use_reentrant=False)
+            ce, l1 = checkpoint(_chunk_terms, *args, use_reentrant=False, preserve_rng_state=False)  # no RNG inside
         else:
             ce, l1 = _chunk_terms(*args)
         ces.append(ce)
@@ -184,6 +185,7 @@ def dspark_loss_sums(
     group=None,
     chunk_rows: int = 512,
     first_slot: int = 0,
+    rows: Optional[torch.Tensor] = None,
 ) -> LossSums:
     """All DSpark loss terms and metrics for one micro-batch.
 
@@ -191,16 +193,23 @@ def dspark_loss_sums(
     feat [b, N, B, r], target_hidden [b, N, B, H] (already gathered at the aligned
     indices), confidence_logits [b, N, B]. ``first_slot`` is 1 for Convention D (slot 0
     is the anchor and never scored).
+
+    ``rows``: the flat indices of the supervised slots (eval mask), computed on the host
+    when the blocks were built, so that only they cost vocabulary work. Without it every
+    slot is scored and the unsupervised ones are weighted by 0. Either way no shape here
+    depends on device data: nothing synchronises with the host.
     """
     b, N, B = labels.shape
     eval_mask = eval_mask.bool()
-    rows = eval_mask.reshape(-1).nonzero().squeeze(1)  # only supervised rows cost anything
-    flat = lambda t: None if t is None else t.reshape(b * N * B, *t.shape[3:])[rows]  # noqa: E731
+    if rows is None:
+        flat = lambda t: None if t is None else t.reshape(b * N * B, *t.shape[3:])  # noqa: E731
+    else:
+        flat = lambda t: None if t is None else t.reshape(b * N * B, *t.shape[3:])[rows]  # noqa: E731
     ce_r, l1_r = vocab_parallel_ce_l1(
         flat(h), flat(labels), lm_head, feat=flat(feat), w2=w2, target_hidden=flat(target_hidden),
         vocab_start=vocab_start, group=group, chunk_rows=chunk_rows,
     )
-    w_r = weights.reshape(-1)[rows].float()
+    w_r = flat(weights).float()
     zero = w_r.sum() * 0.0
     ce_sum = (w_r * ce_r).sum()
     have_target = target_hidden is not None
@@ -215,11 +224,14 @@ def dspark_loss_sums(
             metrics["l1_loss"] = (l1_sum.detach(), denominator)
     if have_target:
         c_star_r = acceptance_from_l1(l1_r.detach())
-        c_star = torch.zeros(b * N * B, dtype=torch.float32, device=h.device)
-        c_star[rows] = c_star_r
+        if rows is None:
+            c_star = c_star_r * eval_mask.reshape(-1)
+        else:
+            c_star = torch.zeros(b * N * B, dtype=torch.float32, device=h.device)
+            c_star[rows] = c_star_r
         c_star = c_star.view(b, N, B)
         if confidence_logits is not None:
-            logit_r = confidence_logits.reshape(-1)[rows].float()
+            logit_r = flat(confidence_logits).float()
             bce = F.binary_cross_entropy_with_logits(logit_r, c_star_r, reduction="none")
             conf_sum = (w_r * bce).sum()
         with torch.no_grad():
@@ -234,6 +246,12 @@ def dspark_loss_sums(
                     metrics=metrics)
 
 
+def supervised_rows(eval_mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the supervised slots of a [b, N, B] eval mask (host-side helper: call
+    it where the mask is still on the CPU, e.g. when the blocks are built)."""
+    return eval_mask.reshape(-1).nonzero().squeeze(1)
+
+
 def _from_first_predicted_slot(e, c_star, first_slot):
     """Move each block's first supervised slot to ``first_slot`` (and the rest after it).
 
@@ -243,8 +261,7 @@ def _from_first_predicted_slot(e, c_star, first_slot):
     B = e.shape[-1]
     supervised = e[..., first_slot:] > 0
     start = torch.where(supervised.any(-1), supervised.float().argmax(-1), 0)  # offset past first_slot
-    if not bool((start > 0).any()):
-        return e, c_star
+    # (always gathered: testing whether any block moved would read device data on the host)
     src = torch.arange(B, device=e.device) + start[..., None]
     inside = (src < B).to(e.dtype)
     src = src.clamp(max=B - 1)
@@ -279,22 +296,50 @@ def _confidence_metrics(metrics, logits, c_star, eval_mask, weights, denominator
 
 
 # ----------------------------------------------------------------------------- aggregation
-def reduce_metrics(metric_sums: list, group=None) -> dict:
+def reduce_metrics(metric_sums: list, group=None, device=None) -> dict:
     """Sum (num, den) pairs over micro-batches and, with ``group``, over ranks; return
-    the ratios Σnum/Σden (nan where Σden = 0). Every rank must pass the same keys."""
+    the ratios Σnum/Σden (nan where Σden = 0). Every rank must pass the same keys.
+
+    :func:`stack_metrics` (on the device, one all-reduce), then :func:`metrics_to_host`
+    (the step's one read-back to the host, for logging)."""
+    return metrics_to_host(*stack_metrics(metric_sums, group, device))
+
+
+def stack_metrics(metric_sums: list, group=None, device=None):
+    """(keys, Σ[num, den] as one float64 [len(keys), 2] tensor) on the metrics' device
+    (``device``, else where the first metric lives, else the compute device), all-reduced
+    over ``group``. No host synchronisation."""
     keys = sorted({k for m in metric_sums for k in m})
     if not keys:
-        return {}
-    buf = torch.zeros(len(keys), 2, dtype=torch.float64)
+        return keys, None
+    if device is None:
+        device = next((v.device for m in metric_sums for pair in m.values() for v in pair
+                       if isinstance(v, torch.Tensor)), None)
+    if device is None:
+        from megaspark import platform
+
+        device = platform.compute_device()
+
+    def as_t(v):
+        if isinstance(v, torch.Tensor):
+            return v.detach().to(device=device, dtype=torch.float64).reshape(())
+        return torch.tensor(float(v), dtype=torch.float64, device=device)
+
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    buf = torch.zeros(len(keys), 2, dtype=torch.float64, device=device)
     for m in metric_sums:
-        for i, k in enumerate(keys):
-            if k in m:
-                buf[i, 0] += float(m[k][0])
-                buf[i, 1] += float(m[k][1])
+        buf += torch.stack([torch.stack([as_t(m[k][0]), as_t(m[k][1])]) if k in m
+                            else torch.stack([zero, zero]) for k in keys])
     if group is not None and _size(group) > 1:
         torch.distributed.all_reduce(buf, group=group)
+    return keys, buf
+
+
+def metrics_to_host(keys: list, buf) -> dict:
+    """The ratios of :func:`stack_metrics`' sums as Python floats (one read-back)."""
+    if not keys:
+        return {}
     out = {}
-    for i, k in enumerate(keys):
-        num, den = buf[i].tolist()
+    for k, (num, den) in zip(keys, buf.tolist()):
         out[k] = num if k.startswith("count@") else (num / den if den > 0 else float("nan"))
     return out

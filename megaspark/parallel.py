@@ -22,23 +22,25 @@ def initialize_distributed(
     backend: Optional[str] = None,
     seed: int = 1234,
     timeout_minutes: int = 30,
+    device: str = "auto",
 ) -> None:
     """Initialise torch.distributed (from the torchrun environment) and megatron groups.
 
     World size must be divisible by TP×PP; DP is what remains. Also seeds the
     model-parallel RNG tracker the way Megatron-LM does (TP ranks get distinct
-    streams for TP-local randomness; DP ranks share them).
+    streams for TP-local randomness; DP ranks share them). ``device`` (``--device``) becomes
+    the run's compute device (:func:`megaspark.platform.compute_device`).
     """
-    platform.install_cpu_compat()
+    compute = platform.resolve_device(device)
+    platform.install_cpu_compat(force=compute.type == "cpu")
     platform.set_cpu_threads_from_env()
-    backend = backend or platform.default_backend()
+    platform.set_compute_device(compute)
+    backend = backend or ("nccl" if compute.type == "cuda" else "gloo")
     if not torch.distributed.is_initialized():
         rank = int(os.environ.get("RANK", "0"))
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group(
             backend=backend,
             rank=rank,

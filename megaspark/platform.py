@@ -47,6 +47,48 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+# The run's compute device and dtype: every tensor a step creates lives there (blocks, target
+# features, collectives' buffers, metrics, inference caches). Set once at start-up.
+_COMPUTE_DEVICE: Optional[torch.device] = None
+
+
+def resolve_device(choice: str = "auto") -> torch.device:
+    """``--device``: ``auto`` is this rank's GPU (``LOCAL_RANK``) when there is one, else CPU."""
+    if choice == "cpu" or (choice == "auto" and not gpu_available()):
+        return torch.device("cpu")
+    require_gpu("--device cuda", "a CUDA device")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
+def set_compute_device(device) -> torch.device:
+    """Make ``device`` the run's compute device (``None``: back to the default)."""
+    global _COMPUTE_DEVICE
+    _COMPUTE_DEVICE = None if device is None else torch.device(device)
+    if _COMPUTE_DEVICE is not None and _COMPUTE_DEVICE.type == "cuda" and gpu_available():
+        torch.cuda.set_device(_COMPUTE_DEVICE)
+    return compute_device()
+
+
+def compute_device() -> torch.device:
+    """Where this rank computes: set by :func:`set_compute_device`, else the default."""
+    return _COMPUTE_DEVICE if _COMPUTE_DEVICE is not None else default_device()
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def run_dtype(bf16: bool) -> torch.dtype:
+    """Parameters and activations of the draft: bf16 with ``--bf16``, else fp32."""
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def target_dtype(choice: str, bf16: bool, device: torch.device) -> torch.dtype:
+    """``--target-dtype``: ``auto`` is bf16 for a bf16 run or on a GPU, fp32 otherwise."""
+    if choice != "auto":
+        return DTYPES[choice]
+    return torch.bfloat16 if (bf16 or torch.device(device).type == "cuda") else torch.float32
+
+
 def _is_cuda_device(device) -> bool:
     if device is None:
         return False
@@ -103,13 +145,14 @@ class _NullStream:
 _NULL_STREAM = _NullStream()
 
 
-def install_cpu_compat() -> bool:
-    """Install the CPU compatibility layer if there is no CUDA. Idempotent.
+def install_cpu_compat(force: bool = False) -> bool:
+    """Install the CPU compatibility layer if there is no CUDA (or ``force``: a CPU run on a
+    machine that has one). Idempotent.
 
     Returns True when the layer is active (CPU machine), False on a CUDA machine.
     """
     global _INSTALLED, _MODE
-    if gpu_available():
+    if gpu_available() and not force:
         return False
     if _INSTALLED:
         return True
@@ -145,6 +188,29 @@ def install_cpu_compat() -> bool:
     _MODE.__enter__()
     _INSTALLED = True
     return True
+
+
+@contextlib.contextmanager
+def emulated_accelerator(device="cuda:0"):
+    """For device checks on a CPU-only torch (fake tensors, ``FakeTensorMode``): inside,
+    ``device`` is the compute device and ``torch.cuda.current_device()``, and the
+    compatibility layer stops mapping CUDA requests to the CPU, so a CPU tensor that meets
+    the emulated device is a device mix, exactly as on a GPU. Tests only."""
+    global _COMPUTE_DEVICE
+    dev = torch.device(device)
+    saved_current, saved_compute = torch.cuda.current_device, _COMPUTE_DEVICE
+    redirecting = _MODE is not None
+    if redirecting:
+        _MODE.__exit__(None, None, None)
+    torch.cuda.current_device = lambda: dev
+    _COMPUTE_DEVICE = dev
+    try:
+        yield dev
+    finally:
+        torch.cuda.current_device = saved_current
+        _COMPUTE_DEVICE = saved_compute
+        if redirecting:
+            _MODE.__enter__()
 
 
 def cpu_compat_active() -> bool:

@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenise {'prompt': ...} records as plain text (no chat template)")
     p.add_argument("--no-baseline", action="store_true", help="skip target-only decoding")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                   help="where the draft and the target run (auto: the GPU when there is one)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="dtype of the target and the draft (auto: bf16 on a GPU, fp32 on the CPU)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -143,9 +147,18 @@ def main(argv=None) -> int:
         print("error: the draft records no target model; pass --target-model", file=sys.stderr)
         return 2
 
-    init_single_process_group(seed=args.seed)
+    from megaspark import platform
+
+    try:
+        device = platform.resolve_device(args.device)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dtype = platform.target_dtype(args.dtype, False, device)
+    init_single_process_group(seed=args.seed, device=args.device)
     model, dcfg = load_draft(args.draft, tp=1, target_model=target_name)
-    provider = HFTargetProvider(target_name, layer_ids=dcfg.target_layer_ids)
+    model.to(device=device, dtype=dtype)
+    provider = HFTargetProvider(target_name, layer_ids=dcfg.target_layer_ids, dtype=dtype, device=device)
     if provider.vocab_size != dcfg.vocab_size or provider.hidden_size != dcfg.hidden_size:
         print(f"error: draft (vocab {dcfg.vocab_size}, hidden {dcfg.hidden_size}) does not fit the "
               f"target {target_name} (vocab {provider.vocab_size}, hidden {provider.hidden_size})",
@@ -180,7 +193,9 @@ def main(argv=None) -> int:
     if best is not None and math.isfinite(float(best)):
         report["checkpoint_best_eval_tau"] = float(best)
 
-    print(f"draft {args.draft} ({meta.get('kind') or 'unknown format'}), target {target_name}")
+    report["device"], report["dtype"] = str(device), str(dtype).replace("torch.", "")
+    print(f"draft {args.draft} ({meta.get('kind') or 'unknown format'}), target {target_name} "
+          f"({report['device']}, {report['dtype']})")
     print(format_report(report))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

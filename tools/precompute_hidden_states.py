@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target-backend", default="hf", choices=["hf", "sglang"],
                    help="who runs the target: HF transformers in this process, or SGLang (GPU only; "
                         "the --sglang-* flags of pretrain_dspark.py apply)")
-    g.add_argument("--target-dtype", default="fp32", choices=["fp32", "bf16"],
-                   help="dtype the target computes in (default fp32, as the online HF provider)")
+    g.add_argument("--target-dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="dtype the target computes in (auto: bf16 on a GPU, fp32 on the CPU — "
+                        "pretrain_dspark.py's --target-dtype auto without --bf16)")
     g.add_argument("--device", default=None,
                    help="device of the HF target (default: cuda if available, else cpu); with "
                         "--num-workers and cuda, worker w uses GPU w")
@@ -239,7 +240,7 @@ def build_target(args, layer_ids, device):
         from megaspark.targets.sglang import SGLangTargetProvider, options_from_args
 
         return SGLangTargetProvider(args.target_model, layer_ids=layer_ids,
-                                    options=options_from_args(args), dtype=dtype)
+                                    options=options_from_args(args), dtype=dtype, device=device)
     from megaspark.targets.hf import HFTargetProvider
 
     return HFTargetProvider(args.target_model, layer_ids=layer_ids, dtype=dtype, device=device)
@@ -414,6 +415,11 @@ def finalize(out: Path, header: dict, counts: dict, required) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.target_dtype == "auto":  # resolved before it is recorded in the manifest
+        import torch
+
+        on_gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        args.target_dtype = "bf16" if on_gpu else "fp32"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return _main(args)

@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dtype of the target for generation. 'auto' (default): bfloat16 on a GPU "
                           "or on a CPU with native bf16 support (about 4x faster than float32 on "
                           "such CPUs; targets are served in bf16 anyway), else float32.")
-    gen.add_argument("--device", default="cpu", help="device for generation (default cpu).")
+    gen.add_argument("--device", default="auto",
+                     help="device for generation (default auto: cuda when there is a GPU, else cpu).")
     gen.add_argument("--threads", default="auto",
                      help="CPU threads for generation (torch.set_num_threads). 'auto' (default): "
                           "torch's choice (one per core) on an idle machine, but 1 when the load "
@@ -149,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     fill = DEFAULT_DATASET_SETTINGS if args.default_dataset else GENERIC_DEFAULTS
     for k, v in fill.items():
         if getattr(args, k) is None:

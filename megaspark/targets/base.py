@@ -31,6 +31,21 @@ _VOLATILE_CONFIG_KEYS = frozenset({
 })
 
 
+DEFAULT_NUM_TAPS = 5
+
+
+def resolve_layer_ids(layer_ids: Optional[Sequence[int]], num_target_layers: int) -> list[int]:
+    """Validated layer ids; ``None`` gives the default rule with ``min(5, N - 3)`` taps."""
+    N = int(num_target_layers)
+    if layer_ids is None:
+        layer_ids = default_target_layer_ids(N, max(1, min(DEFAULT_NUM_TAPS, N - 3)))
+    return validate_target_layer_ids(list(layer_ids), N)
+
+
+class TargetError(RuntimeError):
+    """The target could not be built (on this rank or on the rank that runs it)."""
+
+
 @dataclass
 class TargetOutput:
     """Target features for one micro-batch."""
@@ -169,6 +184,6 @@ class TargetProvider(abc.ABC):
 
 
 __all__ = [
-    "TargetOutput", "TargetProvider", "default_target_layer_ids", "validate_target_layer_ids",
+    "DEFAULT_NUM_TAPS", "resolve_layer_ids", "TargetError", "TargetOutput", "TargetProvider", "default_target_layer_ids", "validate_target_layer_ids",
     "config_fingerprint",
 ]

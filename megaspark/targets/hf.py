@@ -16,10 +16,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .base import TargetOutput, TargetProvider, default_target_layer_ids, validate_target_layer_ids
+from .base import TargetOutput, TargetProvider, resolve_layer_ids
 from .builtin import resolve_target
-
-DEFAULT_NUM_TAPS = 5
 
 
 def load_config_offline(path: str):
@@ -69,10 +67,7 @@ class HFTargetProvider(TargetProvider):
         self.path = resolve_target(model_path_or_name)
         full_config = load_config_offline(self.path)
         self.hf_config = full_config.get_text_config()
-        n_layers = int(self.hf_config.num_hidden_layers)
-        if layer_ids is None:
-            layer_ids = default_target_layer_ids(n_layers, max(1, min(DEFAULT_NUM_TAPS, n_layers - 3)))
-        self.layer_ids = validate_target_layer_ids(list(layer_ids), n_layers)
+        self.layer_ids = resolve_layer_ids(layer_ids, self.hf_config.num_hidden_layers)
         self.device = torch.device(device)
         self.dtype = dtype
 

@@ -52,7 +52,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import TargetOutput, TargetProvider, default_target_layer_ids, validate_target_layer_ids
+from .base import TargetOutput, TargetProvider, resolve_layer_ids
+from .checkpoint import TargetCheckpoint
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "megaspark-hidden-states"
@@ -60,7 +61,6 @@ FLAG = "--hidden-states-dir"
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "cache_config.json"
 SPLITS = ("train", "valid")
-DEFAULT_NUM_TAPS = 5
 
 #: storage dtype names (``--dtype``) -> torch dtype, and torch dtype -> safetensors code
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -319,46 +319,10 @@ def check_compatible(manifest: dict, *, cache_dir, fingerprint: str, layer_ids: 
 # Frozen embedding / LM head straight from the target's safetensors
 # ---------------------------------------------------------------------------------------
 
-def _safetensors_index(path: str) -> dict:
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
-    single = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(single):
-        raise FileNotFoundError(f"no safetensors weights in {path} (model.safetensors or its index); "
-                                f"the offline provider reads the embedding and LM head from them")
-    from safetensors import safe_open
-
-    with safe_open(single, framework="pt") as f:
-        return {k: single for k in f.keys()}
-
-
 def load_target_weight(path: str, which: str, hf_config, full_config=None) -> Tensor:
     """The target's ``"embedding"`` or ``"lm_head"`` as an fp32 ``[V, H]`` tensor, read from
     its safetensors alone (the model is not built). A tied head is the embedding."""
-    from safetensors import safe_open
-
-    if which not in ("embedding", "lm_head"):
-        raise ValueError(f"which must be 'embedding' or 'lm_head', got {which!r}")
-    where = _safetensors_index(path)
-
-    def find(suffix):
-        keys = sorted((k for k in where if k == suffix or k.endswith("." + suffix)), key=len)
-        return keys[0] if keys else None
-
-    key = None
-    if which == "lm_head":
-        tied = getattr(hf_config, "tie_word_embeddings", None)
-        if tied is None and full_config is not None:
-            tied = getattr(full_config, "tie_word_embeddings", None)
-        key = None if tied else find("lm_head.weight")
-    if key is None:
-        key = find("embed_tokens.weight")
-        if key is None:
-            raise KeyError(f"no embed_tokens.weight in the checkpoint at {path}")
-    with safe_open(where[key], framework="pt") as f:
-        return f.get_tensor(key).float().contiguous()
+    return TargetCheckpoint(path).weight(which, hf_config, full_config)
 
 
 def load_target_embeddings(path: str, hf_config, full_config=None) -> tuple[Tensor, Tensor]:
@@ -420,10 +384,7 @@ class OfflineTargetProvider(TargetProvider):
             self._full_config = load_config_offline(self.path)
             self.hf_config = self._full_config.get_text_config()
             self.tokenizer = load_tokenizer_offline(self.path)
-        N = self.num_layers
-        if layer_ids is None:
-            layer_ids = default_target_layer_ids(N, max(1, min(DEFAULT_NUM_TAPS, N - 3)))
-        self.layer_ids = validate_target_layer_ids(list(layer_ids), N)
+        self.layer_ids = resolve_layer_ids(layer_ids, self.num_layers)
         self.device = torch.device(device)
         self.dtype = dtype
 
@@ -649,12 +610,12 @@ class OfflineTargetProvider(TargetProvider):
                 f"{ {s: r['num_samples'] for s, r in m['splits'].items()} })")
 
 
-def build_offline_target(args) -> OfflineTargetProvider:
+def build_offline_target(args, device="cpu", dtype: torch.dtype = torch.float32) -> OfflineTargetProvider:
     """What ``megaspark/training/pretrain.py::load_target`` calls for
-    ``--target-backend offline``."""
+    ``--target-backend offline``: features returned on ``device`` in ``dtype``."""
     return OfflineTargetProvider(args.hidden_states_dir, args.target_model,
                                  layer_ids=getattr(args, "target_layer_ids_resolved", None),
-                                 dataset_dir=args.data_path)
+                                 dataset_dir=args.data_path, device=device, dtype=dtype)
 
 
 __all__ = [

@@ -71,7 +71,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 import time
 import urllib.error
 import urllib.request
@@ -81,7 +80,8 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .base import TargetOutput, TargetProvider, default_target_layer_ids, validate_target_layer_ids
+from .base import TargetOutput, TargetProvider, resolve_layer_ids, validate_target_layer_ids
+from .checkpoint import TargetCheckpoint
 
 FLAG = "--target-backend sglang"
 #: The SGLang release whose API this adapter was written against (read from its wheel).
@@ -94,7 +94,6 @@ CAPTURE_CONVENTION = "DSPARK"
 #: HF model types whose backbone applies nothing to ``inputs_embeds`` before the first
 #: layer, so "last layer + final norm" can be run from a captured hidden state.
 TAIL_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen3_moe"})
-DEFAULT_NUM_TAPS = 5
 
 
 class SGLangResponseError(RuntimeError):
@@ -578,50 +577,6 @@ class HTTPEngine:
 # Checkpoint access: the tail (last layer + final norm) and the frozen embedding / head
 # ---------------------------------------------------------------------------------------
 
-class _Checkpoint:
-    """Lazy access to the tensors of a safetensors HF checkpoint directory."""
-
-    def __init__(self, path: str):
-        self.path = path
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(index):
-            with open(index) as f:
-                self.where = {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
-        else:
-            single = os.path.join(path, "model.safetensors")
-            if not os.path.isfile(single):
-                raise FileNotFoundError(f"no safetensors weights in {path} (model.safetensors or its index)")
-            from safetensors import safe_open
-
-            with safe_open(single, framework="pt") as f:
-                self.where = {k: single for k in f.keys()}
-
-    def keys(self):
-        return self.where.keys()
-
-    def get(self, names: Sequence[str]) -> dict:
-        from safetensors import safe_open
-
-        by_file: dict = {}
-        for n in names:
-            by_file.setdefault(self.where[n], []).append(n)
-        out = {}
-        for fname, ns in by_file.items():
-            with safe_open(fname, framework="pt") as f:
-                for n in ns:
-                    out[n] = f.get_tensor(n)
-        return out
-
-    def prefix_of_layers(self, num_layers: int) -> str:
-        """The key prefix in front of ``layers.<i>.`` and ``norm.weight`` (e.g. ``model.``)."""
-        pat = re.compile(rf"^(.*?)layers\.{num_layers - 1}\.")
-        for k in self.keys():
-            m = pat.match(k)
-            if m and (m.group(1) + "norm.weight") in self.where:
-                return m.group(1)
-        raise KeyError(f"cannot find layer {num_layers - 1} and the final norm in the checkpoint {self.path}")
-
-
 class TargetTail(torch.nn.Module):
     """The target's last decoder layer and final norm, run on the captured output of layer
     ``N-2``: ``norm(layer_{N-1}(h))`` == the post-norm last hidden state."""
@@ -644,7 +599,7 @@ class TargetTail(torch.nn.Module):
         with torch.device("meta"):
             model = AutoModel.from_config(cfg)
         model.embed_tokens = torch.nn.Identity()  # fed with hidden states, never token ids
-        ckpt = _Checkpoint(path)
+        ckpt = TargetCheckpoint(path)
         prefix = ckpt.prefix_of_layers(N)
         want = [k for k in ckpt.keys() if k.startswith(f"{prefix}layers.{N - 1}.")] + [f"{prefix}norm.weight"]
         tensors = ckpt.get(want)
@@ -710,9 +665,7 @@ class SGLangTargetProvider(TargetProvider):
         self.path = resolve_target(model_path_or_name)
         self.hf_config = load_config_offline(self.path).get_text_config()
         N = int(self.hf_config.num_hidden_layers)
-        if layer_ids is None:
-            layer_ids = default_target_layer_ids(N, max(1, min(DEFAULT_NUM_TAPS, N - 3)))
-        self.layer_ids = validate_target_layer_ids(list(layer_ids), N)
+        self.layer_ids = resolve_layer_ids(layer_ids, N)
         self.plan = plan_capture(self.layer_ids, N, self.hidden_size, self.options.last_hidden)
         self.dtype = dtype
         if device is None:
@@ -800,27 +753,16 @@ class SGLangTargetProvider(TargetProvider):
             last = last.to(self.device)
         return TargetOutput(aux_hidden_states=aux, last_hidden_states=last)
 
-    def _checkpoint(self) -> _Checkpoint:
+    def _checkpoint(self) -> TargetCheckpoint:
         if self._ckpt is None:
-            self._ckpt = _Checkpoint(self.path)
+            self._ckpt = TargetCheckpoint(self.path)
         return self._ckpt
 
-    def _find(self, suffix: str) -> Optional[str]:
-        keys = [k for k in self._checkpoint().keys() if k == suffix or k.endswith("." + suffix)]
-        keys.sort(key=len)
-        return keys[0] if keys else None
-
     def embedding_weight(self) -> Tensor:
-        k = self._find("embed_tokens.weight")
-        if k is None:
-            raise KeyError(f"no embed_tokens.weight in the checkpoint {self.path}")
-        return self._checkpoint().get([k])[k].float().cpu().clone()
+        return self._checkpoint().weight("embedding", self.hf_config)
 
     def lm_head_weight(self) -> Tensor:
-        k = self._find("lm_head.weight")
-        if k is None or getattr(self.hf_config, "tie_word_embeddings", False):
-            return self.embedding_weight()
-        return self._checkpoint().get([k])[k].float().cpu().clone()
+        return self._checkpoint().weight("lm_head", self.hf_config)
 
     def final_norm(self):
         return None  # last_hidden_states are post-norm
@@ -839,11 +781,11 @@ class SGLangTargetProvider(TargetProvider):
                 f"last_hidden={self.options.last_hidden}, engine={where})")
 
 
-def build_sglang_target(args) -> SGLangTargetProvider:
-    """What ``megaspark/training/pretrain.py::load_target`` should call for
-    ``--target-backend sglang`` (not wired there yet)."""
+def build_sglang_target(args, device=None, dtype: torch.dtype = torch.bfloat16) -> SGLangTargetProvider:
+    """What ``megaspark/training/pretrain.py::load_target`` calls for
+    ``--target-backend sglang``: features returned on ``device`` in ``dtype``."""
     return SGLangTargetProvider(args.target_model, layer_ids=getattr(args, "target_layer_ids_resolved", None),
-                                options=options_from_args(args))
+                                options=options_from_args(args), device=device, dtype=dtype)
 
 
 __all__ = [

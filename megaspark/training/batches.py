@@ -1,9 +1,16 @@
 """From token batches to draft inputs: anchors, blocks, target hidden states, denominator.
 
 One optimizer step on one data-parallel rank consumes ``num_microbatches`` micro-batches.
-:func:`prepare_step` builds all of them up front, because the loss denominator is global
+:func:`prepare_micro_batches` builds all of them up front, because the loss denominator is global
 (DESIGN.md decision 3): Σω over every micro-batch of the step on every DP rank, which
 depends only on the data and the sampled anchors, so it is known before any forward.
+
+Blocks are built on the host (they need only token ids and seeded generators) and moved
+once to the compute device. The target runs on one rank per model replica, TP rank 0 of the
+first pipeline stage (:func:`computes_target`), in the target's dtype on the compute
+device; its TP peers receive the tapped features by broadcast, and the last pipeline stage
+receives only the last hidden state already gathered at the slots' aligned indices
+``[b, N, B, H]`` (§3.6). Middle stages receive nothing.
 
 Anchors (and VP-drafter prefix lengths) are sampled per *sample* from a generator seeded
 by (seed, the sample's position in the global data stream), so a given sample gets the
@@ -20,9 +27,11 @@ import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
-from megaspark.blocks import build_blocks, sample_anchors, sample_prefix_lengths
+from megaspark.blocks import align_to_blocks, build_blocks, sample_anchors, sample_prefix_lengths
 from megaspark.config import DSparkConfig
 from megaspark.models.dspark.model import DraftInputs
 
@@ -60,6 +69,20 @@ class MicroBatch:
     stream_positions: list  # global data-stream index of each sample
 
 
+def make_blocks(mb: MicroBatch, dcfg: DSparkConfig, seed: int, training: bool = True):
+    """The blocks of one micro-batch, built on the host (like a data loader's output) from
+    per-sample seeded anchors (and VP-drafter prefixes for training batches)."""
+    anchors, keep = sample_anchors_per_sample(mb.loss_mask, dcfg.num_anchors, seed, mb.stream_positions)
+    prefix = None
+    if dcfg.training_mode == "vp_drafter" and training:
+        prefix = sample_prefix_lengths_per_sample(dcfg, seed, mb.stream_positions)
+    return build_blocks(
+        mb.input_ids, mb.loss_mask, anchors, keep, block_size=dcfg.block_size,
+        mask_token_id=dcfg.mask_token_id, gamma=dcfg.gamma, convention=dcfg.convention,
+        truncate_eval_mask=dcfg.truncate_eval_mask, prefix_lengths=prefix,
+    )
+
+
 def make_draft_inputs(
     mb: MicroBatch,
     dcfg: DSparkConfig,
@@ -67,49 +90,75 @@ def make_draft_inputs(
     target=None,
     target_output=None,
     training: bool = True,
+    device=None,
 ) -> DraftInputs:
     """Blocks for one micro-batch plus the target's hidden states (computed here with
-    ``target`` unless ``target_output`` is given). ``training=False``: evaluation blocks
-    (no VP-drafter prefixes)."""
-    anchors, keep = sample_anchors_per_sample(mb.loss_mask, dcfg.num_anchors, seed, mb.stream_positions)
-    prefix = None
-    if dcfg.training_mode == "vp_drafter" and training:
-        prefix = sample_prefix_lengths_per_sample(dcfg, seed, mb.stream_positions)
-    blocks = build_blocks(
-        mb.input_ids, mb.loss_mask, anchors, keep, block_size=dcfg.block_size,
-        mask_token_id=dcfg.mask_token_id, gamma=dcfg.gamma, convention=dcfg.convention,
-        truncate_eval_mask=dcfg.truncate_eval_mask, prefix_lengths=prefix,
-    )
+    ``target`` unless ``target_output`` is given), on ``device`` (default: where the
+    features are). ``training=False``: evaluation blocks (no VP-drafter prefixes)."""
+    blocks = make_blocks(mb, dcfg, seed, training)
     if target_output is None and target is not None:
         target_output = target.compute(mb.input_ids)
     aux = last = None
     if target_output is not None:
-        aux, last = target_output.aux_hidden_states.float(), target_output.last_hidden_states.float()
-    return DraftInputs.from_blocks(blocks, aux, last)
+        aux, last = target_output.aux_hidden_states, target_output.last_hidden_states
+    return DraftInputs.from_blocks(blocks, aux, last, device=device)
 
 
-def broadcast_target_output(output, shape_like: MicroBatch, dcfg: DSparkConfig, compute: bool):
-    """Share the target's hidden states from TP rank 0 with its tensor-parallel peers
-    (the target runs once per TP group)."""
+def computes_target() -> bool:
+    """Whether this rank runs the target: TP rank 0 of the first pipeline stage, once per
+    model replica. Its TP peers receive the features by broadcast; the last stage receives
+    the aligned last hidden state from the first (:func:`prepare_micro_batches`)."""
     from megatron.core import parallel_state
 
-    from megaspark.targets.base import TargetOutput
+    return (parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+            and parallel_state.get_tensor_model_parallel_rank() == 0)
 
+
+def _first_stage_features(output, blocks, dcfg: DSparkConfig, compute: bool, device, dtype):
+    """On the first pipeline stage: (aux [b, S, L·H], aligned last hidden [b, N, B, H]) on
+    ``device`` in ``dtype``, computed on TP rank 0 and broadcast to its TP peers (the target
+    runs once per TP group)."""
+    from megatron.core import parallel_state
+
+    aligned_index = blocks.aligned_index.to(device, non_blocking=True)
+    if compute:
+        aux = output.aux_hidden_states.to(device=device, dtype=dtype).contiguous()
+        last = output.last_hidden_states.to(device=device, dtype=dtype)
+        aligned = align_to_blocks(last, aligned_index).contiguous()
     group = parallel_state.get_tensor_model_parallel_group()
     if torch.distributed.get_world_size(group) == 1:
-        return output
+        return aux, aligned
+    if not compute:
+        b, S = blocks.batch_size, blocks.seq_len
+        N, B = blocks.num_anchors, blocks.block_size
+        aux = torch.empty(b, S, dcfg.context_width, device=device, dtype=dtype)
+        aligned = torch.empty(b, N, B, dcfg.hidden_size, device=device, dtype=dtype)
     src = parallel_state.get_tensor_model_parallel_src_rank()
-    b, S = shape_like.input_ids.shape
-    H = dcfg.hidden_size
-    if compute:
-        aux = output.aux_hidden_states.float().contiguous()
-        last = output.last_hidden_states.float().contiguous()
-    else:
-        aux = torch.empty(b, S, dcfg.context_width)
-        last = torch.empty(b, S, H)
     torch.distributed.broadcast(aux, src=src, group=group)
-    torch.distributed.broadcast(last, src=src, group=group)
-    return TargetOutput(aux_hidden_states=aux, last_hidden_states=last)
+    torch.distributed.broadcast(aligned, src=src, group=group)
+    return aux, aligned
+
+
+def _first_to_last_stage(aligned, blocks, dcfg: DSparkConfig, device, dtype):
+    """Send the aligned last hidden state [b, N, B, H] from the first pipeline stage to the
+    last (same TP rank); middle stages take no part. Returns it on the last stage."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return aligned
+    group = parallel_state.get_pipeline_model_parallel_group()
+    if parallel_state.is_pipeline_first_stage(ignore_virtual=True):
+        torch.distributed.send(aligned, dst=parallel_state.get_pipeline_model_parallel_last_rank(),
+                               group=group)
+        return None
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        b = blocks.batch_size
+        buf = torch.empty(b, blocks.num_anchors, blocks.block_size, dcfg.hidden_size,
+                          device=device, dtype=dtype)
+        torch.distributed.recv(buf, src=parallel_state.get_pipeline_model_parallel_first_rank(),
+                               group=group)
+        return buf
+    return None
 
 
 def global_denominator(inputs: list, group=None) -> torch.Tensor:
@@ -123,6 +172,25 @@ def global_denominator(inputs: list, group=None) -> torch.Tensor:
     return total.float()
 
 
+@dataclass
+class HostBlocks:
+    """One micro-batch after the host half of its preparation: token ids, blocks, and the
+    facts the draft needs on the host (:meth:`DraftInputs.host_facts`)."""
+
+    micro_batch: MicroBatch
+    blocks: object  # megaspark.blocks.Blocks (CPU)
+    facts: tuple
+
+
+def build_host_blocks(micro_batches: list, dcfg: DSparkConfig, seed: int, training: bool = True) -> list:
+    """The host half of a step's preparation (no device work): blocks of every micro-batch."""
+    out = []
+    for mb in micro_batches:
+        blocks = make_blocks(mb, dcfg, seed, training)
+        out.append(HostBlocks(mb, blocks, DraftInputs.host_facts(blocks)))
+    return out
+
+
 def prepare_micro_batches(
     micro_batches: list,
     dcfg: DSparkConfig,
@@ -130,26 +198,63 @@ def prepare_micro_batches(
     target=None,
     dp_group=None,
     training: bool = True,
+    *,
+    device=None,
+    feature_dtype: torch.dtype = torch.float32,
+    expect_features: Optional[bool] = None,
 ) -> tuple[list, torch.Tensor]:
-    """Draft inputs for every micro-batch of a step and the global denominator."""
+    """Draft inputs for every micro-batch of a step, on ``device`` (default: the compute
+    device), and the global denominator: :func:`build_host_blocks` then
+    :func:`device_inputs`."""
+    host = build_host_blocks(micro_batches, dcfg, seed, training)
+    return device_inputs(host, dcfg, target, dp_group, device=device, feature_dtype=feature_dtype,
+                         expect_features=expect_features)
+
+
+def device_inputs(
+    host_blocks: list,
+    dcfg: DSparkConfig,
+    target=None,
+    dp_group=None,
+    *,
+    device=None,
+    feature_dtype: torch.dtype = torch.float32,
+    expect_features: Optional[bool] = None,
+) -> tuple[list, torch.Tensor]:
+    """The device half: target features, blocks moved once to ``device``, the denominator.
+
+    Only the rank that :func:`computes_target` is handed ``target``; the features travel
+    in ``feature_dtype`` (the target's dtype). ``expect_features`` (default: whether a
+    target was given) must be the same on every rank of a model replica. Nothing here reads
+    device data back to the host."""
     from megatron.core import parallel_state
 
-    compute = parallel_state.get_tensor_model_parallel_rank() == 0
-    inputs = []
-    for mb in micro_batches:
-        out = None
-        if compute and target is not None:
-            with _borrow_tp_peers_threads():
-                out = target.compute(mb.input_ids)
-        out = broadcast_target_output(out, mb, dcfg, compute)
-        inputs.append(make_draft_inputs(mb, dcfg, seed, target_output=out, training=training).to(_device()))
-    return inputs, global_denominator(inputs, dp_group)
-
-
-def _device():
     from megaspark import platform
 
-    return platform.default_device()
+    device = torch.device(device) if device is not None else platform.compute_device()
+    if expect_features is None:
+        expect_features = target is not None
+    first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+    last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    compute = computes_target()
+    if expect_features and compute and target is None:
+        raise ValueError("this rank computes the target's features but was given no target")
+    inputs = []
+    for hb in host_blocks:
+        aux = aligned = None
+        if expect_features and first:
+            out = None
+            if compute:
+                with _borrow_tp_peers_threads():
+                    out = target.compute(hb.micro_batch.input_ids)
+            aux, aligned = _first_stage_features(out, hb.blocks, dcfg, compute, device, feature_dtype)
+        if expect_features and (first or last):
+            aligned = _first_to_last_stage(aligned, hb.blocks, dcfg, device, feature_dtype)
+        if not last:
+            aligned = None
+        inputs.append(DraftInputs.from_blocks(hb.blocks, aux, device=device, target_hidden=aligned,
+                                              host_facts=hb.facts))
+    return inputs, global_denominator(inputs, dp_group)
 
 
 @contextlib.contextmanager

@@ -26,25 +26,111 @@ def _attention_summary(dcfg) -> str:
     return f"heads {dcfg.num_attention_heads}/{dcfg.num_query_groups}x{dcfg.kv_channels}"
 
 
-def load_target(args):
-    """The target provider of --target-backend. The built-in target is resolved (converted
-    on first use) on rank 0 first, then everywhere."""
+def load_target(args, build: bool):
+    """(:class:`TargetInfo` on every rank, the target provider of --target-backend on the ranks
+    that run it, else None). The built-in target is resolved (converted on first use) on rank
+    0 first. The provider is built on the compute device in ``args.target_dtype_resolved``;
+    when it fails anywhere, every rank raises (the failing one its own error)."""
+    from megaspark.targets.base import TargetError
     from megaspark.targets.builtin import resolve_target
+    from megaspark.targets.checkpoint import TargetInfo
 
     if torch.distributed.get_rank() == 0:
         resolve_target(args.target_model)
     torch.distributed.barrier()
+    info = TargetInfo(args.target_model, args.target_layer_ids_resolved)
+    provider, error = None, None
+    if build:
+        try:
+            provider = _build_provider(args)
+            print(f"rank {torch.distributed.get_rank()}: target {type(provider).__name__} built on "
+                  f"{platform.compute_device()} in {args.target_dtype_resolved}", flush=True)
+        except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            error = e
+    status = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(status, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, m) for r, m in enumerate(status) if m is not None]
+    if failed:
+        rank, message = failed[0]
+        raise TargetError(f"the target could not be built on rank {rank}, which runs it: {message}")
+    return info, provider
+
+
+def _build_provider(args):
+    device, dtype = platform.compute_device(), args.target_dtype_resolved
     if args.target_backend == "offline":
         from megaspark.targets.offline import build_offline_target
 
-        return build_offline_target(args)
+        return build_offline_target(args, device=device, dtype=dtype)
     if args.target_backend == "sglang":
         from megaspark.targets.sglang import build_sglang_target
 
-        return build_sglang_target(args)
+        return build_sglang_target(args, device=device, dtype=dtype)
     from megaspark.targets.hf import HFTargetProvider
 
-    return HFTargetProvider(args.target_model, layer_ids=args.target_layer_ids_resolved)
+    return HFTargetProvider(args.target_model, layer_ids=args.target_layer_ids_resolved, dtype=dtype,
+                            device=device)
+
+
+def check_memory_plan(args, dcfg, hf_config, runs_target: bool) -> None:
+    """Print the start-up memory plan of every distinct rank role (rank 0) and refuse, on
+    every rank, when one rank's plan exceeds its budget (--memory-budget-gb, else the GPU's
+    memory; no limit on the CPU)."""
+    from megatron.core import parallel_state
+
+    from megaspark.memory_plan import MemoryPlanError, budget_bytes, plan_memory
+
+    plan = plan_memory(args, dcfg, hf_config, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+                       pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+                       dp_size=args.data_parallel_size, computes_target=runs_target)
+    error = None
+    try:
+        plan.check(budget_bytes(args, platform.compute_device()))
+    except MemoryPlanError as e:
+        error = str(e)
+    rank = torch.distributed.get_rank()
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, (rank, plan.format(), error))
+    if rank == 0:
+        by_body: dict = {}  # ranks whose plans differ only in their TP rank print once
+        for r, text, _ in gathered:
+            head, _, body = text.partition("\n")
+            by_body.setdefault(body, (head, []))[1].append(r)
+        for body, (head, ranks) in by_body.items():
+            print(f"{head} [ranks {', '.join(map(str, ranks))}]\n{body}", flush=True)
+    failed = [(r, e) for r, _, e in gathered if e is not None]
+    if failed:
+        r, e = failed[0]
+        raise MemoryPlanError(f"rank {r}: {e}")
+
+
+def draft_config(args, hf_config):
+    """The draft's :class:`DSparkConfig` from the target's (text) config and the flags."""
+    from megaspark.config import DSparkConfig
+
+    overrides = dict(
+        num_layers=args.num_layers, num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups, kv_channels=args.kv_channels,
+        ffn_hidden_size=args.ffn_hidden_size, target_layer_ids=args.target_layer_ids,
+        num_target_taps=args.num_target_taps, attention_type=args.draft_attention,
+        q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank,
+        qk_nope_head_dim=args.qk_nope_head_dim, qk_rope_head_dim=args.qk_rope_head_dim,
+        v_head_dim=args.v_head_dim,
+    )
+    algorithm = dict(
+        block_size=args.block_size, num_anchors=args.num_anchors, markov_rank=args.markov_rank,
+        markov_head_type=args.markov_head_type, confidence_head=args.confidence_head,
+        confidence_with_markov=args.confidence_with_markov and args.confidence_head,
+        gamma=args.loss_decay_gamma if args.loss_decay_gamma > 0 else None,
+        convention=args.slot_convention, truncate_eval_mask=args.truncate_eval_mask,
+        alpha_ce=args.ce_loss_alpha, alpha_l1=args.l1_loss_alpha,
+        alpha_conf=args.confidence_loss_alpha if args.confidence_head else 0.0,
+        attention_backend=args.draft_attention_backend, loss_chunk_rows=args.loss_chunk_rows,
+        training_mode=args.training_mode, prefix_weight_base=args.prefix_weight_base,
+    )
+    return DSparkConfig.from_hf_config(hf_config, **overrides, **algorithm)
 
 
 def build_model_chunks(args, dcfg, model_provider):
@@ -59,14 +145,14 @@ def build_model_chunks(args, dcfg, model_provider):
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
         chunk, tcfg = model_provider(args, dcfg, pre_process=pre, post_process=post, vp_stage=stage)
-        if platform.gpu_available():  # weights are initialised on the CPU (layout-independent)
-            chunk.cuda(torch.cuda.current_device())
+        device = platform.compute_device()
+        if device.type != "cpu":  # weights are initialised on the CPU (layout-independent)
+            chunk.to(device)
         chunks.append(chunk)
     return chunks, tcfg
 
 
 def pretrain(model_provider, forward_step, argv=None):
-    from megaspark.config import DSparkConfig
     from megaspark.data.dataset import PreparedDataset, load_meta
     from megaspark.parallel import initialize_distributed
     from megaspark.targets.hf import load_config_offline
@@ -91,6 +177,7 @@ def pretrain(model_provider, forward_step, argv=None):
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         backend=args.distributed_backend,
         seed=args.seed,
+        device=args.device,
     )
     torch.manual_seed(args.seed)
     if hf_config is None:
@@ -99,29 +186,7 @@ def pretrain(model_provider, forward_step, argv=None):
         torch.distributed.barrier()
         hf_config = load_config_offline(resolve_target(args.target_model)).get_text_config()
 
-    from megatron.core import parallel_state
-
-    overrides = dict(
-        num_layers=args.num_layers, num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups, kv_channels=args.kv_channels,
-        ffn_hidden_size=args.ffn_hidden_size, target_layer_ids=args.target_layer_ids,
-        num_target_taps=args.num_target_taps, attention_type=args.draft_attention,
-        q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank,
-        qk_nope_head_dim=args.qk_nope_head_dim, qk_rope_head_dim=args.qk_rope_head_dim,
-        v_head_dim=args.v_head_dim,
-    )
-    algorithm = dict(
-        block_size=args.block_size, num_anchors=args.num_anchors, markov_rank=args.markov_rank,
-        markov_head_type=args.markov_head_type, confidence_head=args.confidence_head,
-        confidence_with_markov=args.confidence_with_markov and args.confidence_head,
-        gamma=args.loss_decay_gamma if args.loss_decay_gamma > 0 else None,
-        convention=args.slot_convention, truncate_eval_mask=args.truncate_eval_mask,
-        alpha_ce=args.ce_loss_alpha, alpha_l1=args.l1_loss_alpha,
-        alpha_conf=args.confidence_loss_alpha if args.confidence_head else 0.0,
-        attention_backend=args.draft_attention_backend, loss_chunk_rows=args.loss_chunk_rows,
-        training_mode=args.training_mode, prefix_weight_base=args.prefix_weight_base,
-    )
-    dcfg = DSparkConfig.from_hf_config(hf_config, **overrides, **algorithm)
+    dcfg = draft_config(args, hf_config)
     args.target_layer_ids_resolved = list(dcfg.target_layer_ids)
     if args.mask_token_id is not None:
         dcfg.mask_token_id = args.mask_token_id
@@ -133,9 +198,13 @@ def pretrain(model_provider, forward_step, argv=None):
             args.transformer_impl = LOCAL
         check_attention_supported(args.transformer_impl, dcfg.attention_type)
 
-    target = load_target(args)
+    from megaspark.training.batches import computes_target
+
+    args.target_dtype_resolved = platform.target_dtype(args.target_dtype, args.bf16, platform.compute_device())
+    check_memory_plan(args, dcfg, hf_config, computes_target())  # before any weights
+    target_info, target = load_target(args, build=computes_target())
     if args.mask_token_id is None:
-        dcfg.mask_token_id = default_mask_token_id(target.tokenizer, hf_config)
+        dcfg.mask_token_id = default_mask_token_id(target_info.tokenizer, hf_config)
     else:
         dcfg.mask_token_id = args.mask_token_id
     dcfg.validate(args.tensor_model_parallel_size)
@@ -145,18 +214,18 @@ def pretrain(model_provider, forward_step, argv=None):
     valid_data = None
     if os.path.isfile(os.path.join(args.data_path, "valid.jsonl")):
         valid_data = PreparedDataset(args.data_path, "valid", vocab_size=dcfg.vocab_size)
-    checkpointer = Checkpointer(args, dcfg, target.fingerprint())
+    checkpointer = Checkpointer(args, dcfg, target_info.fingerprint())
     if args.load:
         checkpointer.check_compatible(read_state(args.load))
 
     chunks, tcfg = build_model_chunks(args, dcfg, model_provider)
     for chunk in chunks:
-        chunk.load_target_embeddings(target.embedding_weight(), target.lm_head_weight())
+        chunk.load_target_embedding_shards(target_info)
     if args.load_hf_draft:
         # before DDP/optimizer: they copy the parameters
         from megaspark.export.hf import load_hf_draft_weights
 
-        load_hf_draft_weights(chunks, args.load_hf_draft, dcfg, target_fingerprint=target.fingerprint())
+        load_hf_draft_weights(chunks, args.load_hf_draft, dcfg, target_fingerprint=target_info.fingerprint())
         _log0(f"initialised the draft from {args.load_hf_draft}")
     ddp_chunks = wrap_ddp(chunks, tcfg, args)
     trainer = Trainer(args, chunks, ddp_chunks, tcfg, dcfg, target, train_data, valid_data,

@@ -5,7 +5,7 @@
 ``pretrain_gpt.py`` does). One iteration:
 
 1. every DP rank draws its micro-batches of the global batch from a seekable sampler;
-2. anchors and blocks are built for all of them, the target's hidden states computed on
+2. anchors and blocks are built for all of them on the host, the target's hidden states computed on
    TP rank 0 and broadcast to its TP peers, and the global denominator Σω all-reduced
    over DP (DESIGN.md decision 3);
 3. megatron's forward-backward schedule runs the micro-batches; each loss is
@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import torch
 
-from megaspark.losses import reduce_metrics
+from megaspark.losses import metrics_to_host, stack_metrics
 from megaspark.training.batches import collate_micro_batch, prepare_micro_batches
 from megaspark.training.logging import MetricsLogger
 
@@ -150,6 +150,13 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ one step
+    def _prepare(self, micro, training: bool):
+        """Draft inputs on the compute device (the target only where this rank runs it)."""
+        return prepare_micro_batches(
+            micro, self.dcfg, self.args.seed, target=self.target, dp_group=self.dp_group,
+            training=training, feature_dtype=self.args.target_dtype_resolved, expect_features=True,
+        )
+
     def _run_schedule(self, inputs, denominator, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -172,13 +179,7 @@ class Trainer:
     def train_step(self):
         args = self.args
         micro = self._micro_batches(self.train_data, self.state.consumed_samples, args.num_microbatches)
-        inputs, denominator = prepare_micro_batches(
-            micro, self.dcfg, args.seed, target=self.target, dp_group=self.dp_group
-        )
-        for chunk in self.ddp_chunks:
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        reports = self._run_schedule(inputs, denominator, forward_only=False)
+        reports = self.forward_backward(micro)
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=args.global_batch_size)
@@ -190,12 +191,28 @@ class Trainer:
         metrics["skipped"] = not ok
         return metrics
 
+    def forward_backward(self, micro) -> list:
+        """Everything of a training step before the optimizer: the step's inputs on the
+        device (target features included), zeroed gradient buffers, forward and backward of
+        every micro-batch. Returns the last stage's per-micro-batch reports."""
+        inputs, denominator = self._prepare(micro, training=True)
+        for chunk in self.ddp_chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        return self._run_schedule(inputs, denominator, forward_only=False)
+
+    def stack_reports(self, reports):
+        """(keys, Σ[num, den] tensor) over micro-batches and DP ranks, on the device (last
+        stage; ``([], None)`` elsewhere)."""
+        if not self.is_last_stage:
+            return [], None
+        return stack_metrics([r["metrics"] for r in reports], group=self.dp_group)
+
     def _reduce_reports(self, reports) -> dict:
         """Σnum/Σden over micro-batches and DP ranks, made known to every rank."""
         from megatron.core import parallel_state
 
-        sums = [r["metrics"] for r in reports] if self.is_last_stage else []
-        metrics = reduce_metrics(sums, group=self.dp_group) if self.is_last_stage else {}
+        metrics = metrics_to_host(*self.stack_reports(reports))
         if self.is_last_stage:
             d = self.dcfg
             metrics["loss"] = (
@@ -225,8 +242,7 @@ class Trainer:
         max_iters = max(1, min(args.eval_iters, len(self.valid_data) // per_iter))
         for i in range(max_iters):
             micro = self._micro_batches(self.valid_data, i * per_iter, 1, shuffle=False)
-            inputs, den = prepare_micro_batches(micro, self.dcfg, args.seed, self.target, self.dp_group,
-                                                training=False)
+            inputs, den = self._prepare(micro, training=False)
             reports.extend(self._run_schedule(inputs, den, forward_only=True) or [])
         for chunk in self.ddp_chunks:
             chunk.train()

@@ -24,7 +24,7 @@ projections of the GQA draft.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from megatron.core import tensor_parallel
@@ -47,10 +47,15 @@ def structured_block_attention(
     seq_len: int,
     chunk_blocks: int = 64,
     scale: Optional[float] = None,
+    block_context_max: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """q [b, nKV, g, N·B, hd]; k [b, nKV, S+N·B, hd]; v [b, nKV, S+N·B, hd_v] (the value
     width may differ, e.g. MLA); context_lengths [b, N] (a_j for kept blocks, 0 for dummies);
-    ``scale`` defaults to ``hd^-1/2``. Returns [b, nKV, g, N·B, hd_v]."""
+    ``scale`` defaults to ``hd^-1/2``. Returns [b, nKV, g, N·B, hd_v].
+
+    ``block_context_max`` (N host ints, the largest a_j of each block index over the batch)
+    sizes every chunk without reading ``context_lengths`` back from the device; without it
+    each chunk costs one host synchronisation."""
     b, nkv, g, rows, hd = q.shape
     hd_v = v.shape[-1]
     B = block_size
@@ -65,7 +70,10 @@ def structured_block_attention(
     for start in range(0, N, chunk_blocks):
         stop = min(N, start + chunk_blocks)
         lens = context_lengths[:, start:stop]  # [b, n]
-        ctx_len = int(lens.max().item()) if lens.numel() else 0
+        if block_context_max is not None:
+            ctx_len = max(block_context_max[start:stop], default=0)
+        else:
+            ctx_len = int(lens.max().item()) if lens.numel() else 0
         q_c = qb[:, :, :, start:stop].float()  # [b, kv, g, n, B, hd]
         # own-block scores [b, kv, g, n, B, B]
         s_blk = torch.einsum("bkgnqd,bknpd->bkgnqp", q_c, k_blk[:, :, start:stop].float()) * scale
@@ -91,8 +99,9 @@ def structured_block_attention(
 
 
 def structured_attention_with_keep(q, k, v, context_lengths, keep, block_size, seq_len, chunk_blocks=64,
-                                   scale: Optional[float] = None):
-    out = structured_block_attention(q, k, v, context_lengths, block_size, seq_len, chunk_blocks, scale)
+                                   scale: Optional[float] = None, block_context_max=None):
+    out = structured_block_attention(q, k, v, context_lengths, block_size, seq_len, chunk_blocks, scale,
+                                     block_context_max)
     row_keep = keep.repeat_interleave(block_size, dim=1)  # [b, N·B]
     return out * row_keep[:, None, None, :, None].to(out.dtype)
 
@@ -137,6 +146,7 @@ class AttentionInputs:
     seq_len: int
     block_size: int
     dense_mask: Optional[torch.Tensor] = None  # [b, N·B, S+N·B] (dense backend only)
+    block_context_max: Optional[tuple] = None  # N host ints: max_b a_j (no device read-back)
 
 
 class DualSourceAttention(MegatronModule):
@@ -255,7 +265,8 @@ class DualSourceAttention(MegatronModule):
             out = dense_mask_attention(q, k, v, inputs.dense_mask)
         else:
             out = structured_attention_with_keep(
-                q, k, v, inputs.context_lengths, inputs.keep, inputs.block_size, S, self.chunk_blocks
+                q, k, v, inputs.context_lengths, inputs.keep, inputs.block_size, S, self.chunk_blocks,
+                block_context_max=inputs.block_context_max,
             )
         out = out.reshape(b, nq, rows, hd).permute(2, 0, 1, 3).reshape(rows, b, nq * hd)
         out, _ = self.linear_proj(out)

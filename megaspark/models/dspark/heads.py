@@ -20,6 +20,15 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 
 
+def _init_replicated(linear: torch.nn.Linear, std: float, dtype: torch.dtype) -> None:
+    """Initialise a small replicated projection in fp32 (the same numbers whatever the run's
+    dtype, like megatron's CPU initialisation), then store it in the run's ``params_dtype``."""
+    with torch.no_grad():
+        torch.nn.init.normal_(linear.weight, std=std)
+        torch.nn.init.zeros_(linear.bias)
+    linear.to(dtype=dtype)
+
+
 class MarkovHead(MegatronModule):
     def __init__(self, config, dspark_config):
         super().__init__(config=config)
@@ -40,8 +49,7 @@ class MarkovHead(MegatronModule):
         for name in ("gate_proj", "joint_proj"):
             module = getattr(self, name, None)
             if module is not None:
-                torch.nn.init.normal_(module.weight, std=dspark_config.init_std)
-                torch.nn.init.zeros_(module.bias)
+                _init_replicated(module, dspark_config.init_std, config.params_dtype)
 
     def embed_prev(self, prev_ids: torch.Tensor) -> torch.Tensor:
         """prev_ids [...] → e = W1[prev] [..., r] (all-reduced over the vocab shards)."""
@@ -92,8 +100,7 @@ class ConfidenceHead(MegatronModule):
         self.with_markov = dspark_config.confidence_with_markov
         d_in = config.hidden_size + (dspark_config.markov_rank if self.with_markov else 0)
         self.proj = torch.nn.Linear(d_in, 1, bias=True)
-        torch.nn.init.normal_(self.proj.weight, std=dspark_config.init_std)
-        torch.nn.init.zeros_(self.proj.bias)
+        _init_replicated(self.proj, dspark_config.init_std, config.params_dtype)
 
     def forward(self, h: torch.Tensor, e: torch.Tensor | None) -> torch.Tensor:
         x = torch.cat([h, e], dim=-1) if self.with_markov else h

@@ -35,7 +35,8 @@ class RMSNorm(torch.nn.Module):
     def __init__(self, config=None, hidden_size: int = 0, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+        dtype = getattr(config, "params_dtype", None) or torch.float32
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype))
         if config is not None:
             setattr(self.weight, "sequence_parallel", bool(getattr(config, "sequence_parallel", False)))
 

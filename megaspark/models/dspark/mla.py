@@ -77,7 +77,7 @@ class DualSourceMLASubmodules:
     linear_q_up_proj: type = tensor_parallel.ColumnParallelLinear  # q_lora_rank > 0
     linear_kv_up_proj: type = tensor_parallel.ColumnParallelLinear
     linear_proj: type = tensor_parallel.RowParallelLinear
-    latent_layernorm: Optional[type] = None  # default: megaspark's fp32 RMSNorm
+    latent_layernorm: Optional[type] = None  # default: megaspark's RMSNorm (computes in fp32)
 
 
 class DualSourceMLA(MegatronModule):
@@ -120,12 +120,12 @@ class DualSourceMLA(MegatronModule):
         # construction order fixes the seeded initialisation; keep it stable
         if self.q_lora_rank > 0:
             self.linear_q_down_proj = replicated_linear(H, self.q_lora_rank)
-            self.q_down_layernorm = norm_cls(hidden_size=self.q_lora_rank, eps=eps)
+            self.q_down_layernorm = norm_cls(config, hidden_size=self.q_lora_rank, eps=eps)
             self.linear_q_up_proj = column(submodules.linear_q_up_proj, self.q_lora_rank, nh * self.qk_dim)
         else:
             self.linear_q = column(submodules.linear_q, H, nh * self.qk_dim)
         self.linear_kv_down_proj = replicated_linear(H, self.kv_lora_rank + self.rope_dim)
-        self.kv_down_layernorm = norm_cls(hidden_size=self.kv_lora_rank, eps=eps)
+        self.kv_down_layernorm = norm_cls(config, hidden_size=self.kv_lora_rank, eps=eps)
         self.linear_kv_up_proj = column(submodules.linear_kv_up_proj, self.kv_lora_rank,
                                         nh * (self.nope_dim + self.v_dim))
         self.linear_proj = build_module(
@@ -187,7 +187,7 @@ class DualSourceMLA(MegatronModule):
         else:
             out = structured_attention_with_keep(
                 q, k, v, inputs.context_lengths, inputs.keep, inputs.block_size, S, self.chunk_blocks,
-                scale=self.softmax_scale,
+                scale=self.softmax_scale, block_context_max=inputs.block_context_max,
             )
         return self._output(out[:, :, 0])
 

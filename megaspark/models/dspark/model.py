@@ -33,7 +33,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
-from megaspark.blocks import Blocks, dense_attention_mask
+from megaspark.blocks import Blocks, align_to_blocks, dense_attention_mask
 from megaspark.config import DSparkConfig
 from megaspark.losses import LossSums, dspark_loss_sums
 from megaspark.models.dspark.attention import AttentionInputs
@@ -74,28 +74,59 @@ class DraftInputs:
     weights: Optional[torch.Tensor] = None
     eval_mask: Optional[torch.Tensor] = None
     target_hidden: Optional[torch.Tensor] = None  # [b, N, B, H] aligned post-norm target state
+    block_context_max: Optional[tuple] = None  # N host ints: max over the batch of a_j
+    loss_rows: Optional[torch.Tensor] = None  # flat indices of the supervised slots (host-made)
 
     def to(self, device) -> "DraftInputs":
-        """Move every tensor field to ``device`` (GPU runs; CPU tensors stay put)."""
+        """Move every tensor field to ``device`` (tensors already there stay put)."""
         for name, value in vars(self).items():
             if isinstance(value, torch.Tensor):
                 setattr(self, name, value.to(device, non_blocking=True))
         return self
 
-    @classmethod
-    def from_blocks(cls, blocks: Blocks, context_features=None, target_last_hidden=None):
-        """Assemble inputs from block construction and the target's hidden states.
-        ``target_last_hidden`` [b, S, H] is gathered at the aligned indices (§3.6)."""
-        target_hidden = None
-        if target_last_hidden is not None:
-            b, N, B = blocks.aligned_index.shape
-            idx = blocks.aligned_index.reshape(b, N * B, 1).expand(-1, -1, target_last_hidden.shape[-1])
-            target_hidden = target_last_hidden.gather(1, idx).reshape(b, N, B, -1)
+    @staticmethod
+    def host_facts(blocks: Blocks):
+        """What the draft needs to know on the host, read from blocks that are still on the
+        CPU: (``block_context_max``, ``loss_rows``) — so that no shape in the step depends
+        on device data."""
         from megaspark.blocks import context_lengths
+        from megaspark.losses import supervised_rows
+
+        lengths = context_lengths(blocks.anchors, blocks.keep)
+        return (tuple(lengths.amax(0).tolist()) if lengths.numel() else ()), supervised_rows(blocks.eval_mask)
+
+    @classmethod
+    def from_blocks(cls, blocks: Blocks, context_features=None, target_last_hidden=None, device=None,
+                    target_hidden=None, host_facts=None):
+        """Assemble inputs from block construction and the target's hidden states.
+        ``target_last_hidden`` [b, S, H] is gathered at the aligned indices (§3.6);
+        ``target_hidden`` [b, N, B, H] is that gather, already done elsewhere (e.g. on the
+        first pipeline stage). ``device``: move the blocks there first (default: where the
+        target's features are, else where the blocks are). ``host_facts``: see
+        :meth:`host_facts` (read here from blocks still on the CPU when not given)."""
+        from megaspark.blocks import context_lengths
+
+        lengths = context_lengths(blocks.anchors, blocks.keep)
+        block_max = rows = None
+        if host_facts is not None:
+            block_max, rows = host_facts
+        elif lengths.device.type == "cpu":  # read before anything moves to the device
+            block_max, rows = cls.host_facts(blocks)
+        if device is None:
+            for t in (context_features, target_last_hidden, target_hidden):
+                if t is not None:
+                    device = t.device
+                    break
+        if device is not None and torch.device(device) != blocks.anchors.device:
+            blocks = blocks.to(device)
+            lengths = lengths.to(device, non_blocking=True)
+            rows = None if rows is None else rows.to(device, non_blocking=True)
+        if target_last_hidden is not None:
+            target_hidden = align_to_blocks(target_last_hidden, blocks.aligned_index)
 
         return cls(
             position_ids=blocks.position_ids,
-            context_lengths=context_lengths(blocks.anchors, blocks.keep),
+            context_lengths=lengths,
             keep=blocks.keep,
             anchors=blocks.anchors,
             seq_len=blocks.seq_len,
@@ -107,6 +138,8 @@ class DraftInputs:
             weights=blocks.weights,
             eval_mask=blocks.eval_mask,
             target_hidden=target_hidden,
+            block_context_max=block_max,
+            loss_rows=rows,
         )
 
 
@@ -243,6 +276,25 @@ class DSparkModel(MegatronModule):
             rows = module.weight.shape[0]
             module.weight.copy_(full[self.vocab_start: self.vocab_start + rows].to(module.weight.dtype))
 
+    @torch.no_grad()
+    def load_target_embedding_shards(self, source) -> None:
+        """Copy this rank's vocab shard of the target's embedding / LM head, reading only
+        those rows: ``source.weight_rows(which, start, stop)`` (a
+        :class:`megaspark.targets.checkpoint.TargetInfo`)."""
+        d = self.dspark_config
+        for name, which in (("embedding", "embedding"), ("output_layer", "lm_head")):
+            module = getattr(self, name, None)
+            if module is None:
+                continue
+            rows = module.weight.shape[0]
+            shard = source.weight_rows(which, self.vocab_start, self.vocab_start + rows)
+            if tuple(shard.shape) != (rows, self.config.hidden_size) or d.vocab_size != rows * (
+                    d.vocab_size // rows):
+                raise ValueError(
+                    f"target {which} rows {self.vocab_start}:{self.vocab_start + rows} have shape "
+                    f"{tuple(shard.shape)}, expected ({rows}, {self.config.hidden_size})")
+            module.weight.copy_(shard.to(device=module.weight.device, dtype=module.weight.dtype))
+
     # ------------------------------------------------------------------ forward
     def rope(self, position_ids: torch.Tensor):
         """(cos, sin) [b, T, rotary dim] at ``position_ids``: the whole head (GQA) or the
@@ -260,6 +312,7 @@ class DSparkModel(MegatronModule):
         return AttentionInputs(
             cos=cos, sin=sin, context_lengths=inputs.context_lengths, keep=inputs.keep.bool(),
             seq_len=inputs.seq_len, block_size=inputs.block_size, dense_mask=dense,
+            block_context_max=inputs.block_context_max,
         )
 
     def embed(self, inputs: DraftInputs) -> torch.Tensor:
@@ -365,4 +418,5 @@ class DSparkModel(MegatronModule):
             group=parallel_state.get_tensor_model_parallel_group(),
             chunk_rows=d.loss_chunk_rows,
             first_slot=0 if d.convention == "S" else 1,
+            rows=inputs.loss_rows,
         )
