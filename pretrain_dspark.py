@@ -29,6 +29,10 @@ def model_provider(args, dcfg, pre_process=True, post_process=True, vp_stage=Non
     from megaspark.models.dspark.te_spec import select_layer_spec
 
     extra.update(fp8_transformer_config_kwargs(args))
+    if args.pipeline_model_parallel_size > 1 and getattr(args, "pad_to_multiple", 0):
+        # micro-batches have their own lengths: stages exchange the shape before each tensor
+        extra["variable_seq_lengths"] = True
+        extra["moe_token_dispatcher_type"] = "alltoall"  # megatron's check; the draft has no MoE
     tcfg = dcfg.transformer_config(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
@@ -37,8 +41,9 @@ def model_provider(args, dcfg, pre_process=True, post_process=True, vp_stage=Non
     )
     spec = select_layer_spec(getattr(args, "transformer_impl", None), dcfg.qk_norm,
                              attention_type=dcfg.attention_type)
+    # the frozen embedding / LM head are loaded from the target right after: no random init
     model = DSparkModel(tcfg, dcfg, pre_process=pre_process, post_process=post_process,
-                        seed=args.seed, vp_stage=vp_stage, layer_spec=spec)
+                        seed=args.seed, vp_stage=vp_stage, layer_spec=spec, initialize_frozen=False)
     return model, tcfg
 
 

@@ -100,7 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-eval-mask-truncation", dest="truncate_eval_mask", action="store_false",
                    default=None, help="do not drop slots after the first unsupervised label "
                    "(dflash-original does not truncate)")
-    g.add_argument("--draft-attention-backend", default="structured", choices=["structured", "dense"])
+    g.add_argument("--draft-attention-backend", default="auto", choices=["auto", "structured", "flex", "dense"],
+                   help="block attention kernel: flex (FlexAttention with a block mask from the "
+                   "anchors, in the run's dtype), structured (per-block context prefixes, no mask), "
+                   "dense (the literal mask; reference); auto = flex on a GPU, structured on the CPU")
     g.add_argument("--loss-chunk-rows", type=int, default=512,
                    help="rows per chunk of the vocab-parallel loss (bounds peak memory)")
 
@@ -119,7 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None,
                    help="directory written by tools/prepare_data.py (train.jsonl, valid.jsonl)")
-    g.add_argument("--seq-length", type=int, default=512, help="tokens per sample (pad/truncate)")
+    g.add_argument("--seq-length", type=int, default=512,
+                   help="longest sample in tokens (longer ones are truncated)")
+    g.add_argument("--pad-to-multiple", type=int, default=64,
+                   help="pad each micro-batch to its longest sample rounded up to a multiple of "
+                   "this (at most --seq-length); 0 pads every sample to --seq-length")
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="sequences per optimizer step (default: micro batch x DP)")
@@ -212,6 +219,7 @@ def validate_args(args, world_size: int) -> None:
     )
     args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
     need(args.seq_length >= 2, "--seq-length must be >= 2")
+    need(args.pad_to_multiple >= 0, "--pad-to-multiple must be >= 0")
     need(args.train_iters >= 1, "--train-iters must be >= 1")
     need(args.lr >= 0 and args.min_lr >= 0, "--lr and --min-lr must be >= 0")
     need(args.min_lr <= args.lr, f"--min-lr {args.min_lr} exceeds --lr {args.lr}")

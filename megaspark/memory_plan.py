@@ -356,7 +356,7 @@ class MemoryPlan:
     target_activations: int
     activations: int  # the draft's, for the micro-batches in flight on this stage
     total: int
-    inputs: int = 0  # draft inputs of every micro-batch of a step, held for the step
+    inputs: int = 0  # draft inputs of the micro-batches in flight (+1 prefetched), streamed
     optimizer_distributed: int = 0
     trainable_numel: int = 0
     frozen_numel: int = 0
@@ -389,7 +389,8 @@ class MemoryPlan:
              f"{self.target_numel:,} params" if self.target_numel else "not on this rank"),
             ("target activations", self.target_activations,
              "one micro-batch, inference" if self.target_activations else "not on this rank"),
-            ("draft inputs of a step", self.inputs, f"features and blocks of {held}, held for the step"),
+            ("draft inputs in flight", self.inputs,
+             f"features and blocks of {held} (in flight + 1 prefetched; streamed per micro-batch)"),
             ("draft activations", self.activations,
              f"{self.in_flight} micro-batch{'es' if self.in_flight != 1 else ''} in flight"),
         ]
@@ -415,10 +416,8 @@ class MemoryPlan:
         largest = ", ".join(f"{label} {_fmt(n)}" for label, n, _ in items if n > 0)
         names = {label for label, n, _ in items if n > 0}
         levers = []
-        if names & {"draft activations", "draft inputs of a step", "target activations"}:
+        if names & {"draft activations", "draft inputs in flight", "target activations"}:
             levers.append("a smaller --micro-batch-size, --seq-length or --num-anchors")
-        if "draft inputs of a step" in names:
-            levers.append("fewer micro-batches per step (a smaller --global-batch-size or more DP)")
         if "draft activations" in names:
             levers.append("a smaller --loss-chunk-rows")
         if names & {"optimizer state", "gradients", "draft params, trainable"} and not self.distributed_optimizer:
@@ -554,7 +553,10 @@ def plan_memory(args, dcfg, hf_config, *, tp_rank: int, pp_rank: int, dp_size: i
     parts["transient"] = transient
     activations = saved + transient
 
-    inputs = M * per_mb_inputs
+    # StepInputs streams the micro-batches: a stage holds the inputs of those in flight and
+    # of one more (prefetched on the first stage, its receive posted on the last)
+    held = min(M, max(units) + 1)
+    inputs = held * per_mb_inputs
     optimizer_step = 4 * (math.ceil(trainable / max(1, dp_size)) if dist_opt else trainable)
     static = trainable_bytes + frozen * a + grads + optimizer + target_weights
     phases = [inputs + activations, optimizer_step + inputs]
@@ -585,7 +587,7 @@ def plan_memory(args, dcfg, hf_config, *, tp_rank: int, pp_rank: int, dp_size: i
         distributed_optimizer=dist_opt,
         bf16=bf16,
         in_flight=max(units),
-        microbatches=M,
+        microbatches=held,
         activation_parts=parts,
         budget=None if budget is None else int(budget * 1e9),
     )

@@ -128,8 +128,11 @@ def main(target_dir, data_dir, rank, mode, inject=None):
         raise ValueError(f"unknown injection {inject}")
 
     # --- host work stays on real host tensors ---------------------------------------------
+    import megaspark.training.trainer as trainer_mod
+
     orig_host = batches.build_host_blocks
-    batches.build_host_blocks = lambda *a, **k: _call_in(host_ctx, orig_host, *a, **k)
+    batches.build_host_blocks = trainer_mod.build_host_blocks = (
+        lambda *a, **k: _call_in(host_ctx, orig_host, *a, **k))
     orig_micro = Trainer._micro_batches
     Trainer._micro_batches = lambda self, *a, **k: _call_in(host_ctx, orig_micro, self, *a, **k)
 

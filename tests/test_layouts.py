@@ -2,7 +2,8 @@
 resharding resume, and layouts that cannot work refused before any work.
 
 Four gloo processes at most; gradient accumulation is on wherever DP < 4 (global batch 4,
-micro-batch 1)."""
+micro-batch 1). Micro-batches are padded to their own longest sample, so pipeline stages
+exchange activations of varying lengths."""
 
 from __future__ import annotations
 
@@ -21,7 +22,10 @@ def _flags(target, data, tp, pp, *extra):
                        "--pipeline-model-parallel-size", str(pp), "--micro-batch-size", "1",
                        "--global-batch-size", "4", "--use-distributed-optimizer", *extra)
     flags[flags.index("--num-layers") + 1] = "4"
-    return flags
+    # samples are at most 64 tokens: micro-batches get their own lengths (16..64), which the
+    # pipeline stages exchange before each activation
+    flags[flags.index("--seq-length") + 1] = "96"
+    return flags + ["--pad-to-multiple", "16"]
 
 
 @pytest.fixture(scope="module")

@@ -134,6 +134,25 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_llama_dir, data_dir)
         assert b[it] == pytest.approx(a[it], rel=1e-5, abs=1e-6), (it, a, b)
 
 
+def test_padding_to_the_longest_sample_gives_the_same_losses(tmp_path, tiny_llama_dir, data_dir):
+    """Micro-batches padded to their longest sample (rounded up to 16) train exactly like
+    micro-batches padded to --seq-length (96, longer than every sample)."""
+    common = base_flags(tiny_llama_dir, data_dir, "--global-batch-size", "4", "--train-iters", "3",
+                        "--eval-interval", "3", "--eval-iters", "1")
+    common[common.index("--seq-length") + 1] = "96"
+    out = {}
+    for multiple in ("0", "16"):
+        log = tmp_path / f"pad{multiple}.jsonl"
+        _ok(run(1, *common, "--pad-to-multiple", multiple, "--log-jsonl", str(log)))
+        out[multiple] = (losses(log), losses(log, "eval"))
+    (train0, eval0), (train16, eval16) = out["0"], out["16"]
+    assert sorted(train16) == [1, 2, 3] and eval16
+    for it in train0:
+        assert train16[it] == pytest.approx(train0[it], rel=1e-6, abs=1e-7), (train0, train16)
+    for it in eval0:
+        assert eval16[it] == pytest.approx(eval0[it], rel=1e-6, abs=1e-7), (eval0, eval16)
+
+
 def test_crash_during_checkpoint_write_keeps_previous(tmp_path, tiny_llama_dir, data_dir):
     ckpt = tmp_path / "ckpt"
     common = base_flags(tiny_llama_dir, data_dir, "--global-batch-size", "2", "--train-iters", "4",

@@ -139,36 +139,25 @@ def _first_stage_features(output, blocks, dcfg: DSparkConfig, compute: bool, dev
     return aux, aligned
 
 
-def _first_to_last_stage(aligned, blocks, dcfg: DSparkConfig, device, dtype):
-    """Send the aligned last hidden state [b, N, B, H] from the first pipeline stage to the
-    last (same TP rank); middle stages take no part. Returns it on the last stage."""
-    from megatron.core import parallel_state
-
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return aligned
-    group = parallel_state.get_pipeline_model_parallel_group()
-    if parallel_state.is_pipeline_first_stage(ignore_virtual=True):
-        torch.distributed.send(aligned, dst=parallel_state.get_pipeline_model_parallel_last_rank(),
-                               group=group)
-        return None
-    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        b = blocks.batch_size
-        buf = torch.empty(b, blocks.num_anchors, blocks.block_size, dcfg.hidden_size,
-                          device=device, dtype=dtype)
-        torch.distributed.recv(buf, src=parallel_state.get_pipeline_model_parallel_first_rank(),
-                               group=group)
-        return buf
-    return None
-
-
 def global_denominator(inputs: list, group=None) -> torch.Tensor:
-    """Σω over the given micro-batches, summed over ``group`` (the DP group)."""
+    """Σω over the given micro-batches (DraftInputs), summed over ``group`` (the DP group)."""
     device = inputs[0].weights.device if inputs else torch.device("cpu")
-    total = torch.zeros((), dtype=torch.float64, device=device)  # nccl needs device tensors
-    for x in inputs:
-        total += x.weights.double().sum()
+    return _all_reduce_sum(sum((x.weights.double().sum() for x in inputs),
+                               torch.zeros((), dtype=torch.float64, device=device)), group)
+
+
+def host_denominator(host_blocks: list, group=None, device=None) -> torch.Tensor:
+    """Σω over a step's micro-batches from their host blocks (exactly the same sum as
+    :func:`global_denominator`), moved to ``device`` and summed over ``group``."""
+    total = torch.zeros((), dtype=torch.float64)
+    for hb in host_blocks:
+        total += hb.blocks.weights.double().sum()
+    return _all_reduce_sum(total.to(device) if device is not None else total, group)
+
+
+def _all_reduce_sum(total: torch.Tensor, group) -> torch.Tensor:
     if group is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
-        torch.distributed.all_reduce(total, group=group)
+        torch.distributed.all_reduce(total, group=group)  # nccl needs a device tensor: it is one
     return total.float()
 
 
@@ -203,58 +192,144 @@ def prepare_micro_batches(
     feature_dtype: torch.dtype = torch.float32,
     expect_features: Optional[bool] = None,
 ) -> tuple[list, torch.Tensor]:
-    """Draft inputs for every micro-batch of a step, on ``device`` (default: the compute
-    device), and the global denominator: :func:`build_host_blocks` then
-    :func:`device_inputs`."""
-    host = build_host_blocks(micro_batches, dcfg, seed, training)
-    return device_inputs(host, dcfg, target, dp_group, device=device, feature_dtype=feature_dtype,
-                         expect_features=expect_features)
+    """Every micro-batch's draft inputs at once, and the global denominator (tools and tests;
+    the trainer streams them with :class:`StepInputs`)."""
+    step = StepInputs(build_host_blocks(micro_batches, dcfg, seed, training), dcfg, target, dp_group,
+                      device=device, feature_dtype=feature_dtype, expect_features=expect_features)
+    it = step.iterator()
+    return [next(it) for _ in range(len(step))], step.denominator
 
 
-def device_inputs(
-    host_blocks: list,
-    dcfg: DSparkConfig,
-    target=None,
-    dp_group=None,
-    *,
-    device=None,
-    feature_dtype: torch.dtype = torch.float32,
-    expect_features: Optional[bool] = None,
-) -> tuple[list, torch.Tensor]:
-    """The device half: target features, blocks moved once to ``device``, the denominator.
+class StepInputs:
+    """One step's micro-batches, turned into device inputs one at a time.
 
-    Only the rank that :func:`computes_target` is handed ``target``; the features travel
-    in ``feature_dtype`` (the target's dtype). ``expect_features`` (default: whether a
-    target was given) must be the same on every rank of a model replica. Nothing here reads
-    device data back to the host."""
-    from megatron.core import parallel_state
+    The host half (blocks of every micro-batch) is done up front, and so is the global
+    denominator Σω (DESIGN.md decision 3), which needs only the blocks. The target then runs
+    per micro-batch, when the schedule asks for it (``get_batch``), so a rank holds the
+    features of the micro-batches in flight rather than of the whole step:
 
-    from megaspark import platform
+    * first pipeline stage: TP rank 0 runs the target; its TP peers receive the tapped
+      features ``[b, S, L·H]`` and the aligned last hidden state ``[b, N, B, H]`` by
+      broadcast (the target runs once per TP group); every TP rank then sends the aligned
+      state to its peer on the last stage with a non-blocking send on the group of the
+      first and last stages (a communicator of its own, apart from the schedule's);
+    * last stage: receives the aligned state, the receive for the next micro-batch posted
+      as soon as the current one is taken;
+    * middle stages: blocks only.
 
-    device = torch.device(device) if device is not None else platform.compute_device()
-    if expect_features is None:
-        expect_features = target is not None
-    first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
-    last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-    compute = computes_target()
-    if expect_features and compute and target is None:
-        raise ValueError("this rank computes the target's features but was given no target")
-    inputs = []
-    for hb in host_blocks:
+    On a GPU the next micro-batch's features are computed ahead on a side stream while the
+    draft works on the current one (one micro-batch of prefetch). Several model chunks of a
+    rank (interleaved pipelining) share the inputs of a micro-batch: the first chunk to ask
+    builds them. Nothing here reads device data back to the host.
+    """
+
+    def __init__(self, host_blocks: list, dcfg: DSparkConfig, target=None, dp_group=None, *,
+                 device=None, feature_dtype: torch.dtype = torch.float32,
+                 expect_features: Optional[bool] = None, chunks: int = 1, annotate: Optional[dict] = None):
+        from megatron.core import parallel_state
+
+        from megaspark import platform
+
+        self.host = host_blocks
+        self.dcfg = dcfg
+        self.target = target
+        self.device = torch.device(device) if device is not None else platform.compute_device()
+        self.dtype = feature_dtype
+        self.features = target is not None if expect_features is None else expect_features
+        self.first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+        self.last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        self.compute = computes_target()
+        if self.features and self.compute and target is None:
+            raise ValueError("this rank computes the target's features but was given no target")
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        self.pipe_group = parallel_state.get_embedding_group() if (self.features and pp > 1) else None
+        if self.pipe_group is not None:
+            self.first_rank = parallel_state.get_pipeline_model_parallel_first_rank()
+            self.last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
+        self.chunks = chunks
+        self.denominator = host_denominator(host_blocks, dp_group, self.device)
+        # set on every micro-batch's inputs (what loss_func reads besides the tensors)
+        self.annotate = dict(annotate or {}, global_denominator=self.denominator)
+        self._built: dict = {}  # micro-batch -> [inputs, chunks that have not taken it yet]
+        self._sends: list = []
+        self._recvs: dict = {}
+        self._side = (torch.cuda.Stream(self.device) if self.device.type == "cuda" and self.first
+                      and self.features else None)
+        self._ahead: dict = {}  # micro-batch -> (aux, aligned) computed on the side stream
+        if self.last and self.pipe_group is not None and not self.first:
+            self._post_recv(0)
+
+    def __len__(self) -> int:
+        return len(self.host)
+
+    def iterator(self):
+        """An iterator over the micro-batches, one per model chunk of this rank."""
+        for i in range(len(self.host)):
+            yield self.take(i)
+
+    def take(self, i: int):
+        if i not in self._built:
+            self._built[i] = [self._build(i), self.chunks]
+        entry = self._built[i]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._built[i]
+        if i == len(self.host) - 1 and not self._built:
+            self.finish()
+        return entry[0]
+
+    def finish(self) -> None:
+        """Wait for the last sends of the step (their buffers must outlive them)."""
+        for work in self._sends:
+            work.wait()
+        self._sends.clear()
+
+    # ------------------------------------------------------------------ per micro-batch
+    def _build(self, i: int):
+        hb = self.host[i]
         aux = aligned = None
-        if expect_features and first:
-            out = None
-            if compute:
-                with _borrow_tp_peers_threads():
-                    out = target.compute(hb.micro_batch.input_ids)
-            aux, aligned = _first_stage_features(out, hb.blocks, dcfg, compute, device, feature_dtype)
-        if expect_features and (first or last):
-            aligned = _first_to_last_stage(aligned, hb.blocks, dcfg, device, feature_dtype)
-        if not last:
+        if self.features and self.first:
+            aux, aligned = self._ahead.pop(i) if i in self._ahead else self._first_stage(i)
+            if self._side is not None:
+                torch.cuda.current_stream(self.device).wait_stream(self._side)
+                for t in (aux, aligned):
+                    t.record_stream(torch.cuda.current_stream(self.device))
+                if i + 1 < len(self.host):  # one micro-batch of prefetch, on the side stream
+                    with torch.cuda.stream(self._side):
+                        self._ahead[i + 1] = self._first_stage(i + 1)
+            if self.pipe_group is not None and not self.last:
+                self._sends.append(torch.distributed.isend(aligned, dst=self.last_rank, group=self.pipe_group))
+        if self.features and self.last and not self.first:
+            aligned = self._recvs.pop(i)
+            self._recvs_wait(aligned)
+            aligned = aligned[0]
+            if i + 1 < len(self.host):
+                self._post_recv(i + 1)
+        if not self.last:
             aligned = None
-        inputs.append(DraftInputs.from_blocks(hb.blocks, aux, device=device, target_hidden=aligned,
-                                              host_facts=hb.facts))
-    return inputs, global_denominator(inputs, dp_group)
+        inputs = DraftInputs.from_blocks(hb.blocks, aux, device=self.device, target_hidden=aligned,
+                                         host_facts=hb.facts)
+        for name, value in self.annotate.items():
+            setattr(inputs, name, value)
+        return inputs
+
+    def _first_stage(self, i: int):
+        hb = self.host[i]
+        out = None
+        if self.compute:
+            with _borrow_tp_peers_threads():
+                out = self.target.compute(hb.micro_batch.input_ids)
+        return _first_stage_features(out, hb.blocks, self.dcfg, self.compute, self.device, self.dtype)
+
+    def _post_recv(self, i: int) -> None:
+        blocks = self.host[i].blocks
+        buf = torch.empty(blocks.batch_size, blocks.num_anchors, blocks.block_size, self.dcfg.hidden_size,
+                          device=self.device, dtype=self.dtype)
+        self._recvs[i] = (buf, torch.distributed.irecv(buf, src=self.first_rank, group=self.pipe_group))
+
+    @staticmethod
+    def _recvs_wait(entry) -> None:
+        entry[1].wait()
 
 
 @contextlib.contextmanager
@@ -277,8 +352,21 @@ def _borrow_tp_peers_threads():
         torch.set_num_threads(before)
 
 
-def collate_micro_batch(samples: list, seq_length: int, pad_id: int, stream_positions: list) -> MicroBatch:
+def padded_length(lengths, seq_length: int, multiple: int) -> int:
+    """Length a micro-batch is padded to: its longest sample (at most ``seq_length``) rounded
+    up to ``multiple`` and capped at ``seq_length``; ``multiple = 0``: ``seq_length``."""
+    if not multiple:
+        return int(seq_length)
+    longest = min(max(int(n) for n in lengths), int(seq_length))
+    return min(int(seq_length), -(-longest // multiple) * multiple)
+
+
+def collate_micro_batch(samples: list, seq_length: int, pad_id: int, stream_positions: list,
+                        pad_multiple: int = 0) -> MicroBatch:
+    """Truncate to ``seq_length`` and pad to :func:`padded_length` (no padding waste: the
+    blocks, the target and the draft see only the micro-batch's own length)."""
     from megaspark.data.dataset import collate
 
-    batch = collate(samples, seq_length, pad_id)
+    S = padded_length([len(s["input_ids"]) for s in samples], seq_length, pad_multiple)
+    batch = collate(samples, S, pad_id)
     return MicroBatch(batch["input_ids"], batch["loss_mask"], list(stream_positions))

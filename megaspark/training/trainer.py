@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 
 from megaspark.losses import metrics_to_host, stack_metrics
-from megaspark.training.batches import collate_micro_batch, prepare_micro_batches
+from megaspark.training.batches import StepInputs, build_host_blocks, collate_micro_batch
 from megaspark.training.logging import MetricsLogger
 
 
@@ -141,36 +141,39 @@ class Trainer:
                                consumed_samples=consumed, shuffle=shuffle)
         it = iter(sampler)
         out = []
+        self.real_tokens = 0  # tokens of these micro-batches before padding (for tokens/s)
         for i in range(count):
             indices = next(it)
             start = consumed + i * mbs * self.dp_size + self.dp_rank * mbs
             samples = [dataset[j] for j in indices]
+            self.real_tokens += sum(min(len(s["input_ids"]), self.args.seq_length) for s in samples)
             out.append(collate_micro_batch(samples, self.args.seq_length, self.pad_id,
-                                           range(start, start + mbs)))
+                                           range(start, start + mbs),
+                                           pad_multiple=getattr(self.args, "pad_to_multiple", 0)))
         return out
 
     # ------------------------------------------------------------------ one step
-    def _prepare(self, micro, training: bool):
-        """Draft inputs on the compute device (the target only where this rank runs it)."""
-        return prepare_micro_batches(
-            micro, self.dcfg, self.args.seed, target=self.target, dp_group=self.dp_group,
-            training=training, feature_dtype=self.args.target_dtype_resolved, expect_features=True,
+    def _prepare(self, micro, training: bool) -> StepInputs:
+        """The step's inputs: blocks and the global denominator now, each micro-batch's
+        device inputs (target features included, only where this rank runs the target) when
+        the schedule asks for it."""
+        scale = float(len(micro) * self.dp_size)
+        return StepInputs(
+            build_host_blocks(micro, self.dcfg, self.args.seed, training), self.dcfg, self.target,
+            self.dp_group, feature_dtype=self.args.target_dtype_resolved, expect_features=True,
+            chunks=len(self.ddp_chunks), annotate=dict(loss_scale=scale),
         )
 
-    def _run_schedule(self, inputs, denominator, forward_only: bool):
+    def _run_schedule(self, step: StepInputs, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        scale = float(len(inputs) * self.dp_size)
-        for x in inputs:
-            x.loss_scale = scale
-            x.global_denominator = denominator
         forward_backward = get_forward_backward_func()
-        iterators = [iter(inputs) for _ in self.ddp_chunks]  # each chunk walks the micro-batches
+        iterators = [step.iterator() for _ in self.ddp_chunks]  # each chunk walks the micro-batches
         return forward_backward(
             forward_step_func=self.forward_step,
             data_iterator=iterators[0] if len(iterators) == 1 else iterators,
             model=self.ddp_chunks,
-            num_microbatches=len(inputs),
+            num_microbatches=len(step),
             seq_length=self.args.seq_length + self.dcfg.num_anchors * self.dcfg.block_size,
             micro_batch_size=self.args.micro_batch_size,
             forward_only=forward_only,
@@ -185,7 +188,7 @@ class Trainer:
             self.scheduler.step(increment=args.global_batch_size)
         self.state.iteration += 1
         self.state.consumed_samples += args.global_batch_size
-        metrics = self._reduce_reports(reports)
+        metrics = self._reduce_reports(reports, tokens=self.real_tokens)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics["skipped"] = not ok
@@ -195,24 +198,32 @@ class Trainer:
         """Everything of a training step before the optimizer: the step's inputs on the
         device (target features included), zeroed gradient buffers, forward and backward of
         every micro-batch. Returns the last stage's per-micro-batch reports."""
-        inputs, denominator = self._prepare(micro, training=True)
+        step = self._prepare(micro, training=True)
         for chunk in self.ddp_chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        return self._run_schedule(inputs, denominator, forward_only=False)
+        return self._run_schedule(step, forward_only=False)
 
-    def stack_reports(self, reports):
+    def stack_reports(self, reports, tokens: Optional[int] = None):
         """(keys, Σ[num, den] tensor) over micro-batches and DP ranks, on the device (last
-        stage; ``([], None)`` elsewhere)."""
+        stage; ``([], None)`` elsewhere). ``tokens``: this rank's real (unpadded) tokens,
+        summed over DP as ``count@tokens``."""
         if not self.is_last_stage:
             return [], None
-        return stack_metrics([r["metrics"] for r in reports], group=self.dp_group)
+        sums = [r["metrics"] for r in reports]
+        if tokens is not None:
+            one = torch.ones((), dtype=torch.float64)
+            sums.append({"count@tokens": (one * tokens, one)})
+        return stack_metrics(sums, group=self.dp_group)
 
-    def _reduce_reports(self, reports) -> dict:
-        """Σnum/Σden over micro-batches and DP ranks, made known to every rank."""
+    def _reduce_reports(self, reports, tokens: Optional[int] = None) -> dict:
+        """Σnum/Σden over micro-batches and DP ranks, made known to every rank; with
+        ``tokens``, ``metrics["tokens"]`` is the global batch's real token count."""
         from megatron.core import parallel_state
 
-        metrics = metrics_to_host(*self.stack_reports(reports))
+        metrics = metrics_to_host(*self.stack_reports(reports, tokens))
+        if "count@tokens" in metrics:
+            metrics["tokens"] = int(metrics.pop("count@tokens"))
         if self.is_last_stage:
             d = self.dcfg
             metrics["loss"] = (
@@ -242,8 +253,7 @@ class Trainer:
         max_iters = max(1, min(args.eval_iters, len(self.valid_data) // per_iter))
         for i in range(max_iters):
             micro = self._micro_batches(self.valid_data, i * per_iter, 1, shuffle=False)
-            inputs, den = self._prepare(micro, training=False)
-            reports.extend(self._run_schedule(inputs, den, forward_only=True) or [])
+            reports.extend(self._run_schedule(self._prepare(micro, training=False), forward_only=True) or [])
         for chunk in self.ddp_chunks:
             chunk.train()
         return self._reduce_reports(reports)
@@ -259,7 +269,7 @@ class Trainer:
             metrics = self.train_step()
             it = self.state.iteration
             self.state.history.append(metrics.get("loss", float("nan")))
-            window_tokens += args.global_batch_size * args.seq_length
+            window_tokens += metrics.get("tokens", 0)  # real tokens, padding excluded
             self.logger.progress(metrics)
             if it % args.log_interval == 0 or it == args.train_iters:
                 elapsed = time.time() - window_t

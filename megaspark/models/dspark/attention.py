@@ -77,7 +77,6 @@ def structured_block_attention(
         q_c = qb[:, :, :, start:stop].float()  # [b, kv, g, n, B, hd]
         # own-block scores [b, kv, g, n, B, B]
         s_blk = torch.einsum("bkgnqd,bknpd->bkgnqp", q_c, k_blk[:, :, start:stop].float()) * scale
-        visible = lens > 0  # dummy blocks (and kept blocks anchored at 0 see only their block)
         parts = [s_blk]
         if ctx_len > 0:
             kc = k_ctx[:, :, :ctx_len].float()
@@ -118,6 +117,61 @@ def dense_mask_attention(q, k, v, allowed: torch.Tensor, scale: Optional[float] 
     out = torch.einsum("bkgqp,bkpd->bkgqd", probs, v.float())
     any_visible = allowed.any(dim=-1)  # [b, Tq]
     return (out * any_visible[:, None, None, :, None]).to(q.dtype)
+
+
+_COMPILED_FLEX = None
+
+
+def _flex_attention_fn(device: torch.device):
+    """FlexAttention: compiled on a GPU (its fused kernel), eager elsewhere (a reference
+    implementation; forward only on the CPU)."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type != "cuda":
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
+
+
+def flex_block_attention(q, k, v, context_lengths, keep, block_size: int, seq_len: int,
+                         scale: Optional[float] = None) -> torch.Tensor:
+    """The block attention as one FlexAttention call with a ``BlockMask`` built from the
+    anchors: query row ``j·B + k`` sees context keys ``< a_j`` and the keys of its own kept
+    block (rows of dummy blocks see nothing and give 0). Runs in the inputs' dtype (no fp32
+    copies of q/k/v) and reads nothing back to the host. Shapes as
+    :func:`structured_block_attention`; ``keep`` [b, N] bool."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    b, nkv, g, rows, hd = q.shape
+    B, S = block_size, seq_len
+    ctx, kept = context_lengths, keep.bool()
+
+    def mask_mod(bi, hi, qi, ki):
+        j = qi // B
+        return (ki < ctx[bi, j]) | ((ki >= S) & ((ki - S) // B == j) & kept[bi, j])
+
+    mask = create_block_mask(mask_mod, B=b, H=None, Q_LEN=rows, KV_LEN=S + rows, device=q.device)
+    out = _flex_attention_fn(q.device)(q.reshape(b, nkv * g, rows, hd), k, v, block_mask=mask,
+                                       scale=scale, enable_gqa=g > 1)
+    return out.reshape(b, nkv, g, rows, v.shape[-1])
+
+
+def block_attention(backend: str, q, k, v, inputs, seq_len: int, chunk_blocks: int,
+                    scale: Optional[float] = None) -> torch.Tensor:
+    """Dispatch to the block-attention kernel of ``backend`` (``auto``: flex on CUDA,
+    structured elsewhere). ``inputs``: the layer's :class:`AttentionInputs`."""
+    if backend == "auto":
+        backend = "flex" if q.device.type == "cuda" else "structured"
+    if backend == "dense":
+        return dense_mask_attention(q, k, v, inputs.dense_mask, scale=scale)
+    if backend == "flex":
+        return flex_block_attention(q, k, v, inputs.context_lengths, inputs.keep, inputs.block_size,
+                                    seq_len, scale=scale)
+    return structured_attention_with_keep(q, k, v, inputs.context_lengths, inputs.keep, inputs.block_size,
+                                          seq_len, chunk_blocks, scale=scale,
+                                          block_context_max=inputs.block_context_max)
 
 
 def append_to_cache(cache: dict, **new: torch.Tensor) -> None:
@@ -261,13 +315,7 @@ class DualSourceAttention(MegatronModule):
         k = apply_rope(k, inputs.cos, inputs.sin)
         q = apply_rope(q, inputs.cos[:, S:], inputs.sin[:, S:])
         q = q.reshape(b, nkv, nq // nkv, rows, hd)
-        if self.backend == "dense":
-            out = dense_mask_attention(q, k, v, inputs.dense_mask)
-        else:
-            out = structured_attention_with_keep(
-                q, k, v, inputs.context_lengths, inputs.keep, inputs.block_size, S, self.chunk_blocks,
-                block_context_max=inputs.block_context_max,
-            )
+        out = block_attention(self.backend, q, k, v, inputs, S, self.chunk_blocks)
         out = out.reshape(b, nq, rows, hd).permute(2, 0, 1, 3).reshape(rows, b, nq * hd)
         out, _ = self.linear_proj(out)
         return out

@@ -65,8 +65,8 @@ from megatron.core.transformer.spec_utils import build_module
 from megaspark.models.dspark.attention import (
     AttentionInputs,
     append_to_cache,
+    block_attention,
     dense_mask_attention,
-    structured_attention_with_keep,
 )
 from megaspark.models.dspark.rope import apply_rope_interleaved
 
@@ -182,13 +182,7 @@ class DualSourceMLA(MegatronModule):
         q_pe = apply_rope_interleaved(q_pe, inputs.cos[:, S:], inputs.sin[:, S:])
         k = torch.cat([k_nope, k_pe.expand(-1, nh, -1, -1)], dim=-1)  # [b, nh, S+rows, qk]
         q = torch.cat([q_nope, q_pe], dim=-1).unsqueeze(2)  # [b, nh, 1, rows, qk]
-        if self.backend == "dense":
-            out = dense_mask_attention(q, k, v, inputs.dense_mask, scale=self.softmax_scale)
-        else:
-            out = structured_attention_with_keep(
-                q, k, v, inputs.context_lengths, inputs.keep, inputs.block_size, S, self.chunk_blocks,
-                scale=self.softmax_scale, block_context_max=inputs.block_context_max,
-            )
+        out = block_attention(self.backend, q, k, v, inputs, S, self.chunk_blocks, scale=self.softmax_scale)
         return self._output(out[:, :, 0])
 
     # ------------------------------------------------------------------ inference

@@ -153,7 +153,11 @@ class DSparkModel(MegatronModule):
         layer_spec=None,
         seed: int = 1234,
         vp_stage: Optional[int] = None,
+        initialize_frozen: bool = True,
     ):
+        """``initialize_frozen=False``: the frozen embedding and LM head (copies of the
+        target's, loaded right after) are allocated zero-filled instead of randomly
+        initialised — at a 150k vocabulary that initialisation is most of start-up."""
         super().__init__(config=config)
         d = dspark_config
         self.dspark_config = d
@@ -165,10 +169,15 @@ class DSparkModel(MegatronModule):
         self.layer_spec = layer_spec or get_local_layer_spec(d.qk_norm, d.attention_type)
         H, V = config.hidden_size, d.vocab_size
 
+        frozen_config = config
+        if not initialize_frozen:
+            import dataclasses
+
+            frozen_config = dataclasses.replace(config, perform_initialization=False)
         if pre_process:
             with seeded_init(seed, "embedding"):
                 self.embedding = tensor_parallel.VocabParallelEmbedding(
-                    V, H, init_method=config.init_method, config=config
+                    V, H, init_method=config.init_method, config=frozen_config
                 )
             with seeded_init(seed, "fc"):
                 # Row-parallel: the replicated L·H input is split over TP, outputs summed.
@@ -190,7 +199,7 @@ class DSparkModel(MegatronModule):
             self.final_layernorm = RMSNorm(config, H, d.rms_norm_eps)
             with seeded_init(seed, "output_layer"):
                 self.output_layer = tensor_parallel.ColumnParallelLinear(
-                    H, V, config=config, init_method=config.init_method, bias=False,
+                    H, V, config=frozen_config, init_method=config.init_method, bias=False,
                     gather_output=False, skip_bias_add=False,
                 )
             if d.has_markov:
@@ -204,6 +213,9 @@ class DSparkModel(MegatronModule):
             module = getattr(self, name, None)
             if module is not None:
                 module.weight.requires_grad_(False)
+                if not initialize_frozen:
+                    with torch.no_grad():
+                        module.weight.zero_()
 
     # ------------------------------------------------------------------ layout
     def _layer_range(self, vp_stage: Optional[int]):
