@@ -121,13 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", default=None,
-                   help="directory written by tools/prepare_data.py (train.jsonl, valid.jsonl)")
+                   help="directory written by tools/prepare_data.py (memory-mapped train/valid .bin/.idx, "
+                   "or the older .jsonl)")
     g.add_argument("--seq-length", type=int, default=512,
                    help="longest sample in tokens (longer ones are truncated)")
     g.add_argument("--pad-to-multiple", type=int, default=64,
                    help="pad each micro-batch to its longest sample rounded up to a multiple of "
                    "this (at most --seq-length); 0 pads every sample to --seq-length")
     g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--length-grouped-sampler", action="store_true",
+                   help="order each epoch so that a global batch holds samples of similar length "
+                   "(less padding with --pad-to-multiple); deterministic, the same at every layout")
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="sequences per optimizer step (default: micro batch x DP)")
 

@@ -153,6 +153,22 @@ def test_padding_to_the_longest_sample_gives_the_same_losses(tmp_path, tiny_llam
         assert eval16[it] == pytest.approx(eval0[it], rel=1e-6, abs=1e-7), (eval0, eval16)
 
 
+def test_length_grouped_sampler_is_layout_independent(tmp_path, tiny_llama_dir, data_dir):
+    """--length-grouped-sampler gives the same training at DP=1 (accumulating 4 micro-batches)
+    and DP=2 (tests/test_dataset_scale.py shows it pads less than the plain order)."""
+    common = base_flags(tiny_llama_dir, data_dir, "--global-batch-size", "4", "--micro-batch-size", "1",
+                        "--train-iters", "3", "--length-grouped-sampler")
+    common[common.index("--seq-length") + 1] = "96"
+    got = {}
+    for nproc in (1, 2):
+        log = tmp_path / f"dp{nproc}.jsonl"
+        _ok(run(nproc, *common, "--pad-to-multiple", "16", "--log-jsonl", str(log)))
+        got[nproc] = losses(log)
+    assert sorted(got[2]) == [1, 2, 3]
+    for it in got[1]:
+        assert got[2][it] == pytest.approx(got[1][it], rel=1e-5, abs=1e-6), got
+
+
 def test_crash_during_checkpoint_write_keeps_previous(tmp_path, tiny_llama_dir, data_dir):
     ckpt = tmp_path / "ckpt"
     common = base_flags(tiny_llama_dir, data_dir, "--global-batch-size", "2", "--train-iters", "4",

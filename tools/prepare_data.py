@@ -8,10 +8,12 @@ should learn the target's distribution, not the data's), renders them with the
 target's chat template, marks the assistant spans as supervised (§1.4), filters,
 splits into train/valid and writes::
 
-    OUTPUT/train.jsonl   one {"input_ids": [...], "loss_mask": [...]} per line
-    OUTPUT/valid.jsonl
+    OUTPUT/train.bin     token ids + loss masks, indexed by train.idx (what training
+    OUTPUT/train.idx     reads; opened in O(1), see megaspark/data/indexed.py)
+    OUTPUT/train.jsonl   the same samples, one {"input_ids": [...], "loss_mask": [...]} per line
+    OUTPUT/valid.bin, valid.idx, valid.jsonl
     OUTPUT/meta.json     target, vocabulary sizes, special ids, chat template hash,
-                         counts, max length, arguments
+                         counts, max length, arguments, storage format
 
 The output directory is written to a temporary directory and renamed into place.
 
@@ -413,11 +415,15 @@ def write_output(out_dir: Path, splits: dict, meta: dict, overwrite: bool) -> No
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         os.chmod(tmp, 0o755)
-        for name, records in splits.items():
-            with open(tmp / f"{name}.jsonl", "w", encoding="utf-8") as fh:
-                for ids, mask in records:
-                    fh.write(json.dumps({"input_ids": ids, "loss_mask": mask},
-                                        separators=(",", ":")) + "\n")
+        # Each split as {name}.bin/.idx (indexed, what training reads) and
+        # {name}.jsonl (the same samples, human-readable); validated while written.
+        from megaspark.data.indexed import storage_meta, write_split
+
+        # ids are checked against the larger of the two vocabularies here (the tokenizer's
+        # ids always fit); training checks them against its model's when it opens a split.
+        vocab = max(int(meta.get("model_vocab_size") or 0), int(meta.get("tokenizer_vocab_size") or 0))
+        infos = {name: write_split(tmp, name, records, vocab) for name, records in splits.items()}
+        meta = {**meta, "storage": storage_meta(infos)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         old = None
         if out_dir.exists():

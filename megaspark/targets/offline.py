@@ -6,7 +6,7 @@ dataset and writes, per split, shards of ``samples_per_shard`` consecutive sampl
 
     DIR/manifest.json                         what the cache is (see below), written last
     DIR/cache_config.json                     the same header, written first (resume check)
-    DIR/train-00000-of-00004.safetensors      samples [0, 256) of train.jsonl
+    DIR/train-00000-of-00004.safetensors      samples [0, 256) of the train split
     DIR/train-00000-of-00004.safetensors.json its record: range, tokens, bytes, sha256
     ...
 
@@ -87,10 +87,15 @@ def _lines(path: Path) -> Iterator[bytes]:
 def dataset_hash(data_dir) -> tuple[str, dict]:
     """``(sha256 hex, {split: num_samples})`` of a prepared dataset directory.
 
-    Covers ``meta.json`` and, for each split file present, its number of samples
-    (non-empty lines, as :class:`~megaspark.data.dataset.PreparedDataset` counts them)
-    and its bytes — a dataset re-prepared or edited gets another hash.
+    Covers ``meta.json`` and, for each split, the bytes of every file present: the
+    ``.jsonl`` (with its number of samples, non-empty lines) and the memory-mapped
+    ``.idx``/``.bin`` that training reads — a dataset re-prepared or edited gets another
+    hash. A jsonl-only dataset (written before the memory-mapped format) hashes as it
+    always did. The counts are those :class:`~megaspark.data.dataset.PreparedDataset`
+    sees (the ``.idx`` header when present, else the jsonl's lines).
     """
+    from megaspark.data import indexed
+
     data_dir = Path(data_dir)
     meta = data_dir / "meta.json"
     if not meta.is_file():
@@ -100,22 +105,38 @@ def dataset_hash(data_dir) -> tuple[str, dict]:
     counts = {}
     for split in SPLITS:
         path = data_dir / f"{split}.jsonl"
-        if not path.is_file():
-            continue
-        fh = hashlib.sha256()
-        n = 0
-        for line in _lines(path):
-            fh.update(line)
-            n += bool(line.strip())
-        counts[split] = n
-        h.update(f"{split}:{n}:{fh.hexdigest()}\n".encode())
+        if path.is_file():
+            fh = hashlib.sha256()
+            n = 0
+            for line in _lines(path):
+                fh.update(line)
+                n += bool(line.strip())
+            counts[split] = n
+            h.update(f"{split}:{n}:{fh.hexdigest()}\n".encode())
+        if indexed.has_indexed(data_dir, split):
+            n = len(indexed.IndexedSplit(data_dir, split))  # checks sizes and header
+            digests = [file_sha256(indexed.idx_path(data_dir, split)),
+                       file_sha256(indexed.bin_path(data_dir, split))]
+            counts[split] = n
+            h.update(f"{split}.indexed:{n}:{digests[0]}:{digests[1]}\n".encode())
     if not counts:
-        raise FileNotFoundError(f"'{data_dir}' has neither train.jsonl nor valid.jsonl")
+        raise FileNotFoundError(f"'{data_dir}' has no split (train/valid .jsonl or .idx/.bin)")
     return h.hexdigest(), counts
 
 
 def iter_token_ids(data_dir, split: str) -> Iterator[list]:
-    """The ``input_ids`` of every sample of a split, in dataset-index order."""
+    """The ``input_ids`` of every sample of a split, in dataset-index order (from the
+    memory-mapped ``.bin`` when present, as training reads them, else the ``.jsonl``)."""
+    from megaspark.data import indexed
+
+    if indexed.has_indexed(data_dir, split):
+        r = indexed.IndexedSplit(data_dir, split, mmap=True)
+        try:
+            for i in range(len(r)):
+                yield r.token_ids(i).tolist()
+        finally:
+            r.close()
+        return
     for line in _lines(Path(data_dir) / f"{split}.jsonl"):
         if line.strip():
             yield json.loads(line)["input_ids"]

@@ -6,8 +6,6 @@ decides the draft's shape), the draft, optimizer and data; then resume and the l
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from megaspark import platform
@@ -153,7 +151,7 @@ def build_model_chunks(args, dcfg, model_provider):
 
 
 def pretrain(model_provider, forward_step, argv=None):
-    from megaspark.data.dataset import PreparedDataset, load_meta
+    from megaspark.data.dataset import PreparedDataset, has_split, load_meta
     from megaspark.parallel import initialize_distributed
     from megaspark.targets.hf import load_config_offline
     from megaspark.targets.builtin import default_mask_token_id, resolve_target
@@ -212,7 +210,7 @@ def pretrain(model_provider, forward_step, argv=None):
     meta = load_meta(args.data_path)
     train_data = PreparedDataset(args.data_path, "train", vocab_size=dcfg.vocab_size)
     valid_data = None
-    if os.path.isfile(os.path.join(args.data_path, "valid.jsonl")):
+    if has_split(args.data_path, "valid"):
         valid_data = PreparedDataset(args.data_path, "valid", vocab_size=dcfg.vocab_size)
     checkpointer = Checkpointer(args, dcfg, target_info.fingerprint())
     if args.load:

@@ -137,8 +137,12 @@ class Trainer:
         from megaspark.data.dataset import BatchSampler
 
         mbs = self.args.micro_batch_size
+        grouped = shuffle and getattr(self.args, "length_grouped_sampler", False)
+        # groups of one global batch: the order does not depend on the layout
         sampler = BatchSampler(len(dataset), mbs, self.dp_rank, self.dp_size, seed=self.args.seed,
-                               consumed_samples=consumed, shuffle=shuffle)
+                               consumed_samples=consumed, shuffle=shuffle, length_grouped=grouped,
+                               lengths=dataset.lengths() if grouped else None,
+                               length_group_size=self.args.global_batch_size if grouped else None)
         it = iter(sampler)
         out = []
         self.real_tokens = 0  # tokens of these micro-batches before padding (for tokens/s)
