@@ -10,10 +10,31 @@ the frozen LM head and of ``W2``, so it only ever forms its shard of the correct
   target's softmax computed the same way from its post-norm last hidden state;
 * c*  = clamp(1 − ½·L1, 0, 1), detached, the confidence target and the analytic acceptance.
 
-Rows are processed in chunks under activation checkpointing, so peak memory is
-``O(chunk · V/tp)`` instead of ``O(N·B · V)``, and rows outside the eval mask are skipped
-when their indices come from the host (no shape here depends on device data).
-The results equal the unchunked single-device formula.
+Two implementations of the same numbers:
+
+* :func:`vocab_parallel_ce_l1_sums` (what :func:`dspark_loss_sums` uses): one fused
+  ``torch.autograd.Function`` whose differentiable outputs are the two *scalars*
+  ``Σ ω·ce`` and ``Σ ω·l1`` (the weights ω are known at forward time). Its forward walks
+  the rows in chunks and, while the chunk's ``[chunk, V/tp]`` probabilities are live,
+  accumulates the gradients of both scalars w.r.t. h, the Markov features and the local
+  W2 shard from the hand-derived formulas
+
+      dce/dz = p_d − onehot(y),    dl1/dz_j = p_d,j · (s_j − Σ_k s_k·p_d,k),  s = sign(p_d − p_t)
+
+  (Σ_k over the full vocabulary: one all-reduce); backward only scales them by the two
+  upstream scalars. No autograd graph over ``[rows, V]`` tensors, nothing recomputed, the
+  target logits formed once per chunk without grad and not at all when L1 is not needed.
+  Peak extra memory: two ``[chunk, V/tp]`` fp32 buffers (one without L1; plus half of one
+  with bf16 weights) and the gradient buffers (``[2, R, H]``, ``[2, R, r]``,
+  ``[2, V/tp, r]`` fp32). The LM head must be frozen. The model passes ``combine = (α_ce,
+  α_l1)``: the only differentiable output is then α_ce·Σω·ce + α_l1·Σω·l1, the two
+  gradients are combined per chunk and the gradient GEMMs run once (buffers ``[1, …]``).
+* :func:`vocab_parallel_ce_l1`: per-row differentiable CE and L1 by plain autograd, each
+  chunk under activation checkpointing (any upstream gradient, e.g. per-row weights applied
+  later; kept as the general form and as the benchmark/test comparison).
+
+Rows outside the eval mask are skipped when their indices come from the host (no shape
+here depends on device data). The results equal the unchunked single-device formula.
 
 Every term is returned as a *sum* weighted by ω together with the local denominator
 Σω; the caller divides by the global denominator (DESIGN.md decision 3).
@@ -26,9 +47,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 LOSS_EPS = 1e-6
+_COLUMN_BLOCK = 8192  # vocabulary columns per block of the fused loss's reductions / bf16 GEMMs
 
 
 # ----------------------------------------------------------------------------- collectives
@@ -111,15 +134,18 @@ def vocab_parallel_ce_l1(
     group=None,
     chunk_rows: int = 512,
     checkpoint_chunks: bool = True,
+    need_l1: Optional[bool] = None,
 ):
-    """Per-row CE and L1 for rows of draft hidden states.
+    """Per-row CE and L1 for rows of draft hidden states, by autograd (per-row
+    differentiable; see :func:`vocab_parallel_ce_l1_sums` for the fused weighted sums).
 
     h [R, H], labels [R], lm_head [V/tp, H] (this rank's shard, starting at
     ``vocab_start``), feat [R, r] and w2 [V/tp, r] for the Markov bias, target_hidden
     [R, H] the target's post-norm last state at the aligned position (None: no L1).
-    Returns (ce [R], l1 [R]) in fp32; l1 is zeros without ``target_hidden``.
+    ``need_l1``: see :func:`vocab_parallel_ce_l1_sums`.
+    Returns (ce [R], l1 [R]) in fp32; l1 is zeros when it is not computed.
     """
-    need_l1 = target_hidden is not None
+    need_l1 = _resolve_need_l1(need_l1, target_hidden)
     ces, l1s = [], []
     for start in range(0, h.shape[0], chunk_rows):
         sl = slice(start, start + chunk_rows)
@@ -146,6 +172,267 @@ def vocab_parallel_ce_l1(
     return torch.cat(ces), torch.cat(l1s)
 
 
+# ----------------------------------------------------------------------------- fused sums
+def _resolve_need_l1(need_l1: Optional[bool], target_hidden) -> bool:
+    if need_l1 is None:
+        return target_hidden is not None
+    if need_l1 and target_hidden is None:
+        raise ValueError("need_l1=True needs target_hidden (the target's last hidden state)")
+    return bool(need_l1)
+
+
+def _all_reduce_sum_(x, group):
+    if _size(group) > 1:
+        torch.distributed.all_reduce(x, group=group)
+    return x
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out (fp32, contiguous) = a @ b, the GEMM in b's dtype (a is cast to it)."""
+    a = a.to(b.dtype)
+    if b.dtype == out.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a @ b)
+
+
+def _logits_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, accumulate: bool = False):
+    """out (fp32 [c, V/tp]) = (or +=) x·weightᵀ, the GEMM in the weight's dtype. For other
+    dtypes than fp32 by column blocks, so that neither the GEMM's output nor its fp32
+    promotion is ever a whole [c, V/tp] temporary."""
+    x = x.to(weight.dtype)
+    if weight.dtype == out.dtype:
+        if accumulate:
+            out.addmm_(x, weight.t())
+        else:
+            torch.mm(x, weight.t(), out=out)
+        return
+    for j in range(0, weight.shape[0], _COLUMN_BLOCK):
+        block = x @ weight[j:j + _COLUMN_BLOCK].t()
+        if accumulate:
+            out[:, j:j + _COLUMN_BLOCK].add_(block)
+        else:
+            out[:, j:j + _COLUMN_BLOCK].copy_(block)
+
+
+def _fused_chunks(h, feat, w2, lm_head, labels, weights, target_hidden, vocab_start: int, group,
+                  chunk_rows: int, need_l1: bool, want_dh: bool, want_dfeat: bool, want_dw2: bool,
+                  combine=None):
+    """The chunk loop of :func:`vocab_parallel_ce_l1_sums` (no autograd here).
+
+    Returns (ce [R], l1 [R], dh [K, R, H], dfeat [K, R, r], dw2 [K, V/tp, r]) in fp32, K = 2
+    with L1 (else 1), the gradient buffers None where not wanted: ``[0]`` holds the
+    rank-local partial gradient of Σω·ce, ``[1]`` that of **−**Σω·l1 (the sign is folded
+    into the backward's coefficient; it saves a pass over [chunk, V/tp]). The loop's bounds
+    are host ints and nothing here reads device data on the host (torch.compile traces it
+    whole: every ``out=`` is contiguous).
+    """
+    R, V_l = h.shape[0], lm_head.shape[0]
+    K = 2 if need_l1 and combine is None else 1  # gradient sets: one when α-combined
+    f32, dev = torch.float32, h.device
+    out = dict(
+        ce=torch.zeros(R, dtype=f32, device=dev),
+        l1=torch.zeros(R, dtype=f32, device=dev),
+        dh=torch.empty(K, R, h.shape[1], dtype=f32, device=dev) if want_dh else None,
+        dfeat=torch.empty(K, R, feat.shape[1], dtype=f32, device=dev) if want_dfeat else None,
+        dw2=torch.zeros(K, V_l, w2.shape[1], dtype=f32, device=dev) if want_dw2 else None,
+    )
+    for start in range(0, R, chunk_rows):
+        # one function call per chunk: its [K, c, V/tp] buffer is freed before the next one
+        _fused_chunk(slice(start, min(start + chunk_rows, R)), out, h, feat, w2, lm_head, labels,
+                     weights, target_hidden, vocab_start, group, need_l1, combine)
+    return out["ce"], out["l1"], out["dh"], out["dfeat"], out["dw2"]
+
+
+def _fused_chunk(sl, out, h, feat, w2, lm_head, labels, weights, target_hidden, vocab_start, group,
+                 need_l1, combine=None):
+    """One chunk of rows. The only [c, V/tp]-sized tensors: one fp32 [K, c, V/tp] buffer (the
+    draft logits → p_d → ω·dce/dz in ``[0]``, the target logits → p_t → p_t − p_d →
+    −ω·dl1/dz in ``[1]``, all in place) and, for non-fp32 weights, a copy of one of its
+    slices in their dtype for the gradient GEMMs. Collectives: MAX of the row maxima, SUM of
+    (Σexp, the label logit, target Σexp), SUM of (L1 partial, Σ s·p_d partial)."""
+    dh, dfeat, dw2 = out["dh"], out["dfeat"], out["dw2"]
+    grads = dh is not None or dfeat is not None or dw2 is not None
+    V_l, K = lm_head.shape[0], 2 if need_l1 else 1
+    f32, dev = torch.float32, h.device
+    c = sl.stop - sl.start
+    buf = torch.empty(K, c, V_l, dtype=f32, device=dev)
+    # Matmuls in the weights' dtype (no fp32 copy of a [V/tp, H] table), everything
+    # downstream in fp32 (DESIGN.md decision 7).
+    z = buf[0]
+    _logits_into(z, h[sl], lm_head)
+    if feat is not None:
+        _logits_into(z, feat[sl], w2, accumulate=True)
+    if need_l1:
+        t = buf[1]
+        _logits_into(t, target_hidden[sl], lm_head)
+        m = torch.stack([z.amax(dim=-1), t.amax(dim=-1)])
+    else:
+        m = z.amax(dim=-1)[None]
+    _all_reduce_max_(m, group)
+    local = labels[sl] - vocab_start
+    in_shard = (local >= 0) & (local < V_l)
+    idx = local.clamp(0, V_l - 1)[:, None]
+    picked = z.gather(1, idx).squeeze(1)
+    picked = torch.where(in_shard, picked, torch.zeros_like(picked))
+    z.sub_(m[0, :, None]).exp_()
+    stats = [z.sum(dim=-1), picked]
+    if need_l1:
+        t.sub_(m[1, :, None]).exp_()
+        stats.append(t.sum(dim=-1))
+    stats = _all_reduce_sum_(torch.stack(stats), group)
+    out["ce"][sl] = m[0] + torch.log(stats[0]) - stats[1]
+    p = z.div_(stats[0, :, None])  # p_d
+    if need_l1:
+        t.div_(stats[2, :, None]).sub_(p)  # p_t − p_d
+        # Σ|p_t − p_d| and Σ s'·p_d by column blocks: torch.sum's accurate (cascade)
+        # reduction with only a [c, block] temporary (vector_norm / bmm accumulate fp32
+        # sequentially: ~1e-4 relative error at V = 150k)
+        red = torch.zeros(2 if grads else 1, c, dtype=f32, device=dev)
+        for j in range(0, V_l, _COLUMN_BLOCK):
+            d = t[:, j:j + _COLUMN_BLOCK]
+            red[0] += d.abs().sum(dim=-1)
+            if grads:
+                d.sign_()  # s' = −s, s = sign(p_d − p_t) (0 where equal, as autograd's abs)
+                red[1] += (d * p[:, j:j + _COLUMN_BLOCK]).sum(dim=-1)
+        red = _all_reduce_sum_(red, group)
+        out["l1"][sl] = red[0]
+    if not grads:
+        return
+    w_c = weights[sl]
+    p.mul_(w_c[:, None])  # ω·p_d
+    if need_l1:
+        # dl1/dz = p_d·(s − Σ s·p_d) = −p_d·(s' − Σ s'·p_d): keep the negative (times ω)
+        t.sub_(red[1, :, None]).mul_(p)
+    p.scatter_add_(1, idx, -(w_c * in_shard)[:, None])  # ω·(p_d − onehot)
+    if combine is not None:  # one set of gradient GEMMs: ω·(α_ce·dce/dz + α_l1·dl1/dz)
+        a_ce, a_l1 = combine
+        p.mul_(a_ce)
+        if need_l1:
+            p.sub_(t, alpha=a_l1)
+        K = 1
+    fc = None if dw2 is None else feat[sl].to(w2.dtype)
+    for k in range(K):  # one [c, V/tp] slice at a time: a bf16 copy is half a slice
+        g = buf[k].to(lm_head.dtype)
+        if dh is not None:
+            _mm_into(dh[k, sl], g, lm_head)
+        if w2 is not None:
+            g = g if w2.dtype == lm_head.dtype else buf[k].to(w2.dtype)
+            if dfeat is not None:
+                _mm_into(dfeat[k, sl], g, w2)
+            if dw2 is not None:
+                if w2.dtype == f32:
+                    dw2[k].addmm_(g.t(), fc)
+                else:  # by vocabulary blocks: no [V/tp, r] temporaries (GEMM output, promotion)
+                    for j in range(0, V_l, _COLUMN_BLOCK):
+                        dw2[k, j:j + _COLUMN_BLOCK].add_(g[:, j:j + _COLUMN_BLOCK].t() @ fc)
+        del g  # before the next slice's copy is made
+
+
+class _FusedCEL1Sums(torch.autograd.Function):
+    """(objective, Σω·ce, Σω·l1, ce [R], l1 [R]) with gradients w.r.t. h, feat and w2
+    (rank-local partial gradients: h and feat come through copy_to_tp, whose backward
+    all-reduces them). Without ``combine`` the two sums are differentiable (backward: two
+    scalars times two gradient sets of the forward) and the objective is a constant 0; with
+    ``combine = (α_ce, α_l1)`` only objective = α_ce·Σω·ce + α_l1·Σω·l1 is (one gradient set:
+    half the gradient GEMMs)."""
+
+    @staticmethod
+    def forward(ctx, h, feat, w2, lm_head, labels, weights, target_hidden, opts):
+        vocab_start, group, chunk_rows, need_l1, want, combine = opts
+        ce, l1, dh, dfeat, dw2 = _fused_chunks(h, feat, w2, lm_head, labels, weights, target_hidden,
+                                               vocab_start, group, chunk_rows, need_l1, *want,
+                                               combine=combine)
+        ce_sum, l1_sum = (weights * ce).sum(), (weights * l1).sum()
+        if combine is None:
+            objective = ce_sum.new_zeros(())
+            ctx.mark_non_differentiable(objective, ce, l1)
+        else:
+            objective = combine[0] * ce_sum + combine[1] * l1_sum
+            ctx.mark_non_differentiable(ce_sum, l1_sum, ce, l1)
+        ctx.save_for_backward(dh, dfeat, dw2)
+        ctx.need_l1, ctx.combined = need_l1, combine is not None
+        ctx.dtypes = (h.dtype, None if feat is None else feat.dtype, None if w2 is None else w2.dtype)
+        return objective, ce_sum, l1_sum, ce, l1
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_obj, g_ce, g_l1, _g_ce_rows, _g_l1_rows):
+        dh, dfeat, dw2 = ctx.saved_tensors
+        if ctx.combined:
+            coef = g_obj.reshape(1)
+        else:
+            coef = torch.stack([g_ce, -g_l1]) if ctx.need_l1 else g_ce.reshape(1)
+        coef = coef.float()
+        out = []
+        for buf, dtype in zip((dh, dfeat, dw2), ctx.dtypes):
+            out.append(None if buf is None else torch.einsum("kij,k->ij", buf, coef).to(dtype))
+        return (*out, None, None, None, None, None)
+
+
+def vocab_parallel_ce_l1_sums(
+    h: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    lm_head: torch.Tensor,
+    *,
+    feat: Optional[torch.Tensor] = None,
+    w2: Optional[torch.Tensor] = None,
+    target_hidden: Optional[torch.Tensor] = None,
+    vocab_start: int = 0,
+    group=None,
+    chunk_rows: int = 512,
+    need_l1: Optional[bool] = None,
+    combine: Optional[tuple] = None,
+):
+    """Fused weighted CE and L1 sums with a hand-derived backward (module docstring).
+
+    h [R, H], labels [R], weights ω [R] (no grad), lm_head [V/tp, H] (this rank's frozen
+    shard, starting at ``vocab_start``), feat [R, r] and w2 [V/tp, r] for the Markov bias,
+    target_hidden [R, H] the target's post-norm last state at the aligned position.
+    ``need_l1``: compute L1 (default: whenever ``target_hidden`` is given); with False the
+    target logits are never formed and l1 is zeros.
+
+    Returns (ce_sum, l1_sum, ce [R], l1 [R]), all fp32: ce_sum = Σ ω·ce and l1_sum = Σ ω·l1
+    are differentiable w.r.t. h, feat and w2; the per-row values are not (metrics, c*).
+    With ``combine = (α_ce, α_l1)`` returns (objective, ce_sum, l1_sum, ce, l1) where only
+    objective = α_ce·ce_sum + α_l1·l1_sum is differentiable: the two gradients are combined
+    in the forward, so the gradient GEMMs run once instead of twice.
+    Peak extra memory O(chunk_rows · V/tp) plus fp32 gradient buffers [2, R, H], [2, R, r]
+    and [2, V/tp, r] (only those whose input requires grad, and only with grad enabled).
+    """
+    need_l1 = _resolve_need_l1(need_l1, target_hidden)
+    if (feat is None) != (w2 is None):
+        raise ValueError("feat and w2 come together (the Markov bias f·W2ᵀ)")
+    grad_on = torch.is_grad_enabled()
+    if grad_on and lm_head.requires_grad:
+        raise ValueError("the fused loss treats the LM head as frozen: lm_head must not require "
+                         "grad (use vocab_parallel_ce_l1 for a trainable head)")
+    if chunk_rows < 1:
+        raise ValueError("chunk_rows must be >= 1")
+    # Replicated inputs enter the vocab-parallel region here: identity forward, and the
+    # backward all-reduces the rank-local partial gradients over TP.
+    h = _copy_to_tp(h, group)
+    feat = None if feat is None else _copy_to_tp(feat, group)
+    want = (grad_on and h.requires_grad, grad_on and feat is not None and feat.requires_grad,
+            grad_on and w2 is not None and w2.requires_grad)
+    weights = weights.detach().float()
+    target = target_hidden.detach() if need_l1 else None
+    combine = None if combine is None else (float(combine[0]), float(combine[1]))
+    opts = (vocab_start, group, chunk_rows, need_l1, want, combine)
+    if not any(want):
+        ce, l1, *_ = _fused_chunks(h.detach(), None if feat is None else feat.detach(),
+                                   None if w2 is None else w2.detach(), lm_head.detach(), labels,
+                                   weights, target, vocab_start, group, chunk_rows, need_l1,
+                                   False, False, False)
+        ce_sum, l1_sum = (weights * ce).sum(), (weights * l1).sum()
+        if combine is None:
+            return ce_sum, l1_sum, ce, l1
+        return combine[0] * ce_sum + combine[1] * l1_sum, ce_sum, l1_sum, ce, l1
+    out = _FusedCEL1Sums.apply(h, feat, w2, lm_head.detach(), labels, weights, target, opts)
+    return out[1:] if combine is None else out
+
+
 # ----------------------------------------------------------------------------- results
 @dataclass
 class LossSums:
@@ -156,10 +443,19 @@ class LossSums:
     conf_sum: torch.Tensor
     denominator: torch.Tensor  # local Σω (no grad)
     metrics: dict = field(default_factory=dict)  # name -> (num, den) tensors, no grad
+    # With the α-combined fused loss: α_ce·ce_sum + α_l1·l1_sum, the only differentiable
+    # vocabulary term (ce_sum and l1_sum are then values only), and the (α_ce, α_l1) used.
+    objective: Optional[torch.Tensor] = None
+    alphas: Optional[tuple] = None
 
     def loss(self, alpha_ce: float, alpha_l1: float, alpha_conf: float, denominator=None):
         """α-combination of the three terms over ``denominator`` (default: the local Σω)."""
         d = self.denominator if denominator is None else denominator
+        if self.objective is not None:
+            if (float(alpha_ce), float(alpha_l1)) != self.alphas:
+                raise ValueError(f"these loss sums were fused with (α_ce, α_l1) = {self.alphas}, "
+                                 f"not ({alpha_ce}, {alpha_l1})")
+            return (self.objective + alpha_conf * self.conf_sum) / (d + LOSS_EPS)
         total = alpha_ce * self.ce_sum + alpha_l1 * self.l1_sum + alpha_conf * self.conf_sum
         return total / (d + LOSS_EPS)
 
@@ -186,6 +482,8 @@ def dspark_loss_sums(
     chunk_rows: int = 512,
     first_slot: int = 0,
     rows: Optional[torch.Tensor] = None,
+    need_l1: Optional[bool] = None,
+    alphas: Optional[tuple] = None,
 ) -> LossSums:
     """All DSpark loss terms and metrics for one micro-batch.
 
@@ -198,22 +496,39 @@ def dspark_loss_sums(
     when the blocks were built, so that only they cost vocabulary work. Without it every
     slot is scored and the unsupervised ones are weighted by 0. Either way no shape here
     depends on device data: nothing synchronises with the host.
+
+    ``need_l1``: compute L1 and c* (default: whenever ``target_hidden`` is given). A
+    training step whose objective does not use them (α_l1 = 0 and no confidence head, the
+    DFlash case) passes False: the target logits are then never formed, and the L1 and
+    acceptance metrics (which come from c*) are absent. The CE and L1 sums come from the
+    fused :func:`vocab_parallel_ce_l1_sums`.
+
+    ``alphas = (α_ce, α_l1)``: combine the CE and L1 gradients in the forward (one set of
+    gradient GEMMs instead of two); :meth:`LossSums.loss` must then be called with them.
     """
     b, N, B = labels.shape
     eval_mask = eval_mask.bool()
+    have_target = _resolve_need_l1(need_l1, target_hidden)
+    if confidence_logits is not None and target_hidden is not None and not have_target:
+        raise ValueError("the confidence loss needs L1 (its target c*): need_l1 must not be False")
     if rows is None:
         flat = lambda t: None if t is None else t.reshape(b * N * B, *t.shape[3:])  # noqa: E731
     else:
         flat = lambda t: None if t is None else t.reshape(b * N * B, *t.shape[3:])[rows]  # noqa: E731
-    ce_r, l1_r = vocab_parallel_ce_l1(
-        flat(h), flat(labels), lm_head, feat=flat(feat), w2=w2, target_hidden=flat(target_hidden),
-        vocab_start=vocab_start, group=group, chunk_rows=chunk_rows,
-    )
     w_r = flat(weights).float()
+    fused = vocab_parallel_ce_l1_sums(
+        flat(h), flat(labels), w_r, lm_head, feat=flat(feat), w2=w2,
+        target_hidden=flat(target_hidden) if have_target else None, vocab_start=vocab_start,
+        group=group, chunk_rows=chunk_rows, need_l1=have_target, combine=alphas,
+    )
+    objective = None
+    if alphas is not None:
+        objective, *fused = fused
+        alphas = (float(alphas[0]), float(alphas[1]))
+    ce_sum, l1_sum, ce_r, l1_r = fused
     zero = w_r.sum() * 0.0
-    ce_sum = (w_r * ce_r).sum()
-    have_target = target_hidden is not None
-    l1_sum = (w_r * l1_r).sum() if have_target else zero
+    if not have_target:
+        l1_sum = zero
     denominator = weights.float().sum().detach()
 
     metrics: dict = {}
@@ -243,7 +558,7 @@ def dspark_loss_sums(
                     denominator, first_slot,
                 )
     return LossSums(ce_sum=ce_sum, l1_sum=l1_sum, conf_sum=conf_sum, denominator=denominator,
-                    metrics=metrics)
+                    metrics=metrics, objective=objective, alphas=alphas)
 
 
 def supervised_rows(eval_mask: torch.Tensor) -> torch.Tensor:

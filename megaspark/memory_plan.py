@@ -289,16 +289,20 @@ def head_activations(d, s: _Shape, loss_rows: int) -> dict:
     if d.confidence_head and d.confidence_with_markov:
         heads += rows * (H + r) * a
     parts["heads"] = heads
-    # loss inputs kept by the checkpointed chunks: h, Markov features, target state, labels
-    parts["loss_inputs"] = loss_rows * (H * a + r * a + H * s.f + 3 * _INDEX + 4 * _FP32)
+    # the fused loss keeps, from forward to backward, its fp32 gradients (one α-combined
+    # set: d/dh [rows, H], d/dfeat [rows, r], d/dW2 [V/tp, r]) and per-row values
+    parts["loss_grads"] = (loss_rows * (H + r) + (d.vocab_size // s.tp) * r) * _FP32 \
+        + loss_rows * (3 * _INDEX + 4 * _FP32)
     return parts
 
 
 def loss_transient(d, s: _Shape, loss_rows: int) -> int:
-    """Peak of one checkpointed loss chunk: draft logits, exp, target logits, exp and
-    probabilities, draft probabilities, |p_d − p_t| and its abs — eight [chunk, V/tp] fp32."""
+    """Peak of one chunk of the fused loss: the draft and target logits, turned in place into
+    the gradient w.r.t. the logits — two [chunk, V/tp] fp32 — plus, with bf16 weights, a bf16
+    copy of one for the gradient GEMMs."""
     chunk = min(d.loss_chunk_rows, loss_rows)
-    return 8 * chunk * (d.vocab_size // s.tp) * _FP32
+    slices = 2 * _FP32 + (s.a if s.a != _FP32 else 0)
+    return chunk * (d.vocab_size // s.tp) * slices
 
 
 def attention_transient(d, s: _Shape) -> int:

@@ -132,11 +132,16 @@ def run_case(d: DSparkConfig, weights: dict, batch: dict, tp: int) -> dict:
     from megaspark.models.dspark.state_dict_adapter import hf_state_dict
 
     model = build_model(d, weights, tp=tp)
-    sums = model(draft_inputs(d, batch))
+    inputs = draft_inputs(d, batch)
+    sums = model(inputs)
     loss = sums.loss(d.alpha_ce, d.alpha_l1, d.alpha_conf)
     loss.backward()
     den = sums.denominator
+    with torch.no_grad():  # evaluation: L1 and the acceptance metrics even where training skips them
+        ev = model(inputs)
     return dict(
+        eval_l1_loss=(ev.l1_sum / (ev.denominator + 1e-6)),
+        eval_metrics={k: (float(v[0]), float(v[1])) for k, v in ev.metrics.items()},
         loss=loss.detach(),
         ce_loss=(sums.ce_sum / (den + 1e-6)).detach(),
         l1_loss=(sums.l1_sum / (den + 1e-6)).detach(),

@@ -51,13 +51,20 @@ def test_matches_reference(parallel_results, name, tp):
     ref, ref_grads = _reference(name)
     for rank_results in parallel_results:  # every rank holds the full (replicated) result
         got = rank_results[(tp, name)]
-        for key in ("loss", "ce_loss", "l1_loss", "confidence_loss", "denominator"):
+        d = dc.make_config(name)
+        # a training step whose objective has no L1 (DFlash: α_l1 = 0, no confidence head)
+        # never forms the target's logits: no L1 and no acceptance metrics; evaluation has them
+        trains_l1 = d.alpha_l1 > 0 or d.confidence_head
+        for key in ("loss", "ce_loss", "confidence_loss", "denominator") + (("l1_loss",) if trains_l1 else ()):
             assert abs(float(got[key]) - float(ref[key])) < TOL, (key, float(got[key]), float(ref[key]))
+        assert abs(float(got["eval_l1_loss"]) - float(ref["l1_loss"])) < TOL
         assert set(got["grads"]) == set(ref_grads), set(got["grads"]) ^ set(ref_grads)
         for key, g in got["grads"].items():
             diff = float((g.double() - ref_grads[key]).abs().max())
             assert diff < TOL, (key, diff)
-        m = got["metrics"]
+        if not trains_l1:
+            assert float(got["l1_loss"]) == 0.0 and "tau" not in got["metrics"]
+        m = got["metrics"] if trains_l1 else got["eval_metrics"]
         tau_num, tau_den = m["tau"]
         assert abs(tau_num / tau_den - float(ref["tau"])) < TOL
         first = 0 if dc.make_config(name).convention == "S" else 1

@@ -4,24 +4,35 @@
 Everything is reported as a *ratio of two measurements taken in the same run* (same
 machine, same thread count, same inputs); absolute numbers are printed for information
 only and nothing here passes or fails on time. The tool does fail (exit status 1) when
-the two formulations do not compute the same values, because the ratios would then be
+the formulations do not compute the same values, because the ratios would then be
 meaningless.
 
-1. **Loss** — megaspark's chunked vocab-parallel loss
-   (:func:`megaspark.losses.vocab_parallel_ce_l1` with ``target_hidden`` and the Markov
-   bias ``feat``/``w2``, TP = 1, ``group=None``, activation checkpointing per row chunk)
-   against a naive full-logits formulation written below (:func:`naive_ce_l1`): over all
-   ``R = N·B`` rows at once ``logits = h·Wᵀ + f·W2ᵀ``, ``log_softmax``, CE,
-   ``softmax``, ``Σ|p_d − p_t|``. Objective ``(Σ CE + Σ L1) / R``; gradients flow to
-   ``h``, ``feat`` and ``W2`` (the LM head is frozen, as in DSpark training).
+1. **Loss** — three formulations of the same CE + L1 objective, TP = 1 (``group=None``),
+   with ``target_hidden`` and the Markov bias ``feat``/``w2``, over ``R`` rows
+   (``--loss-rows``; default 896 = 128 anchors × block 7 at the Qwen3 vocabulary
+   V = 151,936):
+
+   * **fused** — what training uses: :func:`megaspark.losses.vocab_parallel_ce_l1_sums`,
+     one autograd Function with a hand-derived backward, row chunks of ``--chunk-rows``
+     (no autograd graph over ``[rows, V]``, no recomputation);
+   * **chunked** — the previous implementation, :func:`megaspark.losses.vocab_parallel_ce_l1`:
+     per-row autograd, each chunk under activation checkpointing (``--skip-chunked`` to
+     leave it out);
+   * **naive** — a full-logits formulation written below (:func:`naive_ce_l1`): over all
+     rows at once ``logits = h·Wᵀ + f·W2ᵀ``, ``log_softmax``, CE, ``softmax``,
+     ``Σ|p_d − p_t|``.
+
+   Objective ``(Σ CE + Σ L1) / R``; gradients flow to ``h``, ``feat`` and ``W2`` (the LM
+   head is frozen, as in DSpark training). Reported: fused/naive (the aim: peak extra
+   memory ≤ 10 %), chunked/naive and fused/chunked.
 2. **Attention** — :func:`structured_attention_with_keep` against
    :func:`dense_mask_attention` with the ``[N·B, S+N·B]`` mask of
    :func:`megaspark.blocks.dense_attention_mask`, sorted random anchors from
    :func:`megaspark.blocks.sample_anchors`. Only the core attention is timed: the mask /
    context lengths are built once per micro-batch (shared by all layers) and are inputs.
 
-Each variant runs forward + backward, and the tool compares outputs and gradients of the
-two (max abs / relative difference) before printing any ratio.
+Each variant runs forward + backward, and the tool compares outputs and gradients of each
+with the naive / dense one (max abs / relative difference) before printing any ratio.
 
 How peak memory is measured (CPU, no CUDA allocator statistics)
 ----------------------------------------------------------------
@@ -47,14 +58,20 @@ concurrently. Inside the worker two independent measurements are taken:
   ``mmap``-ed and unmapped by glibc, so this tracks live memory well at full size, but
   it includes allocator fragmentation and non-torch buffers and is noisy for tiny sizes.
 
-A tiny call of each variant runs before the measured step, so lazy imports (megaspark's
+A tiny call of every loss form runs before the measured step, so lazy imports (megaspark's
 loss imports megatron on its first call) and kernel initialisation are not charged to it.
+
+The fused loss's peak extra memory is ~2 ``[chunk, V]`` fp32 buffers plus its fp32
+gradient buffers (``[2, V, r]`` for W2 is the largest), so fused/naive scales like
+``chunk / R``: the default ``--chunk-rows 128`` with ``R = 896`` is the ≤ 10 % case
+(``--chunk-rows 512`` gives ~22 % there; at a training step's R of a few thousand rows
+the ratio is smaller again).
 
 Time: every one of the ``--repeats`` forward+backward steps of a variant is timed and
 the median is reported; the first is the profiled step (the profiler only records a few
 hundred large ops here, a negligible overhead), so the loss default ``--repeats 1`` costs
-a single step per variant (about a minute each at the defaults); attention steps are
-cheap and default to 3. The machine may be shared: the variants run at different
+a single step per variant (5-20 s each at the defaults, one thread; the peak memory of the
+naive loss there is ~3 GiB); attention steps are cheap and default to 3. The machine may be shared: the variants run at different
 moments, so repeat the run (or raise ``--repeats``) before trusting small time
 differences. On CPU every large fresh allocation is page-faulted in on each step; that is
 a real cost of both forms here (a GPU caching allocator would hide it), so CPU time
@@ -64,7 +81,7 @@ machine than wall time.
 
 Usage::
 
-    python tools/bench_loss.py               # defaults: V=151,936, N·B=3,584, S=2,048
+    python tools/bench_loss.py               # defaults: loss V=151,936, R=896; attention N·B=3,584, S=2,048
     python tools/bench_loss.py --quick       # tiny sizes, a few seconds (CI smoke)
     python tools/bench_loss.py --hidden 512 --chunk-rows 256 --json out.json
 """
@@ -87,18 +104,18 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-LOSS_MEMORY_AIM = 0.25  # chunked peak <= 25 % of naive
+LOSS_MEMORY_AIM = 0.10  # fused peak extra memory <= 10 % of naive
 ATTN_TIME_AIM = 1.0  # structured faster than dense
 
 # full-size defaults and the --quick ones; explicit options override either set
 DEFAULTS = dict(
-    vocab=151_936, hidden=256, markov_rank=64, num_anchors=512, block_size=7, seq_len=2048,
-    chunk_rows=512, heads=8, query_groups=2, head_dim=128, batch=1, attn_chunk_blocks=64,
+    vocab=151_936, hidden=256, markov_rank=64, loss_rows=896, num_anchors=512, block_size=7,
+    seq_len=2048, chunk_rows=128, heads=8, query_groups=2, head_dim=128, batch=1, attn_chunk_blocks=64,
     repeats=1, attn_repeats=3,
 )
 QUICK = dict(
-    vocab=2048, hidden=32, markov_rank=8, num_anchors=16, block_size=4, seq_len=128,
-    chunk_rows=16, heads=2, query_groups=1, head_dim=16, batch=1, attn_chunk_blocks=4,
+    vocab=2048, hidden=32, markov_rank=8, loss_rows=64, num_anchors=16, block_size=4,
+    seq_len=128, chunk_rows=16, heads=2, query_groups=1, head_dim=16, batch=1, attn_chunk_blocks=4,
     repeats=2, attn_repeats=2,
 )
 DTYPES = ("float32", "bfloat16")
@@ -186,11 +203,11 @@ def _set_threads(args):
 def _loss_worker(args, variant: str):
     import torch
 
-    from megaspark.losses import vocab_parallel_ce_l1
+    from megaspark.losses import vocab_parallel_ce_l1, vocab_parallel_ce_l1_sums
 
     dt = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(args.seed)
-    R, V, H, r = args.num_anchors * args.block_size, args.vocab, args.hidden, args.markov_rank
+    R, V, H, r = args.loss_rows, args.vocab, args.hidden, args.markov_rank
     # logits with std ~2 and a target close to the draft: realistic, non-saturated softmaxes
     lm_head = (torch.randn(V, H, generator=g) * (2.0 / math.sqrt(H))).to(dt)
     w2 = (torch.randn(V, r, generator=g) * 0.05).to(dt).requires_grad_()
@@ -198,33 +215,36 @@ def _loss_worker(args, variant: str):
     feat = torch.randn(R, r, generator=g).to(dt).requires_grad_()
     target_hidden = (h.detach().float() + 0.5 * torch.randn(R, H, generator=g)).to(dt)
     labels = torch.randint(0, V, (R,), generator=g)
+    ones = torch.ones(R)
     leaves = (h, feat, w2)
+
+    def objective(form, n, chunk_rows):
+        """(Σ CE + Σ L1 over the first n rows, ce, l1)"""
+        if form == "naive":
+            ce, l1 = naive_ce_l1(h[:n], labels[:n], lm_head, feat[:n], w2, target_hidden[:n])
+            return ce.sum() + l1.sum(), ce, l1
+        if form == "chunked":
+            ce, l1 = vocab_parallel_ce_l1(h[:n], labels[:n], lm_head, feat=feat[:n], w2=w2,
+                                          target_hidden=target_hidden[:n], chunk_rows=chunk_rows)
+            return ce.sum() + l1.sum(), ce, l1
+        ce_sum, l1_sum, ce, l1 = vocab_parallel_ce_l1_sums(
+            h[:n], labels[:n], ones[:n], lm_head, feat=feat[:n], w2=w2,
+            target_hidden=target_hidden[:n], chunk_rows=chunk_rows)
+        return ce_sum + l1_sum, ce, l1
 
     def step():
         for t in leaves:
             t.grad = None
-        if variant == "naive":
-            ce, l1 = naive_ce_l1(h, labels, lm_head, feat, w2, target_hidden)
-        else:
-            ce, l1 = vocab_parallel_ce_l1(
-                h, labels, lm_head, feat=feat, w2=w2, target_hidden=target_hidden,
-                group=None, chunk_rows=args.chunk_rows,
-            )
-        loss = (ce.sum() + l1.sum()) / R
+        total, ce, l1 = objective(variant, R, args.chunk_rows)
+        loss = total / R
         loss.backward()
         return dict(ce=ce.detach(), l1=l1.detach(), loss=loss.detach(),
                     grad_h=h.grad, grad_feat=feat.grad, grad_w2=w2.grad)
 
-    # warm-up on a few rows: lazy imports (megaspark's loss imports megatron on first call),
-    # kernel initialisation; otherwise they would be charged to the RSS step
-    n = min(R, 4)
-    for fn in (naive_ce_l1, None):
-        if fn is None:
-            ce, l1 = vocab_parallel_ce_l1(h[:n], labels[:n], lm_head, feat=feat[:n], w2=w2,
-                                          target_hidden=target_hidden[:n], chunk_rows=2)
-        else:
-            ce, l1 = fn(h[:n], labels[:n], lm_head, feat[:n], w2, target_hidden[:n])
-        (ce.sum() + l1.sum()).backward()
+    # warm-up of every form on a few rows: lazy imports (megaspark's loss imports megatron on
+    # first call), kernel initialisation; otherwise they would be charged to the RSS step
+    for form in ("naive", "chunked", "fused"):
+        objective(form, min(R, 4), 2)[0].backward()
     return _measure(step, args.repeats)
 
 
@@ -385,8 +405,58 @@ def _ratio(a, b) -> float:
 def _print_diffs(kind, diffs, tol) -> bool:
     ok = all(d["norm_rel"] <= tol for d in diffs.values())  # NaN fails too
     parts = "  ".join(f"{k} {d['max_abs']:.2e} (rel {d['norm_rel']:.0e})" for k, d in diffs.items())
-    print(f"{kind}  check  max abs diff (norm-wise rel): {parts}  -> "
+    print(f"{kind}  max abs diff (norm-wise rel): {parts}  -> "
           f"{'EQUAL' if ok else 'MISMATCH'} (rel tol {tol:g})")
+    return ok
+
+
+def _loss_section(args, tmp, tol, results) -> bool:
+    rows = args.loss_rows
+    variants = ["naive", "fused"] + ([] if args.skip_chunked else ["chunked"])
+    print(f"# loss: V={args.vocab}  H={args.hidden}  markov rank={args.markov_rank}  "
+          f"rows R={rows}  chunk rows={args.chunk_rows}  dtype={args.dtype}  "
+          f"({', '.join(variants)})", flush=True)
+    res = {v: _spawn(args, "loss", v, tmp) for v in variants}
+    logit_bytes = rows * args.vocab * 4
+    chunk_bytes = min(rows, args.chunk_rows) * args.vocab * 4
+    for name, r in res.items():
+        print(f"#   {name:8s} peak {_gib(r['peak_bytes'])} "
+              f"(= {r['peak_bytes'] / logit_bytes:.2f} x fp32 [R,V] logits "
+              f"= {r['peak_bytes'] / chunk_bytes:.2f} x [chunk,V])  "
+              f"rss +{_gib(r['rss_delta_bytes'])}  time {r['time_s']:.2f} s "
+              f"cpu {r['cpu_time_s']:.2f} s (median of {len(r['times_s'])}, "
+              f"threads {r['threads']})")
+    ok = True
+    diffs = {}
+    for v in variants[1:]:
+        diffs[v] = _diffs(tmp, "loss", v, "naive")
+        ok &= _print_diffs(f"loss  check {v} vs naive", diffs[v], tol)
+    ratios = {}
+    pairs = [(v, "naive") for v in variants[1:]] + ([("fused", "chunked")] if "chunked" in res else [])
+    for a, b in pairs:
+        ra, rb = res[a], res[b]
+        ratios[f"{a}/{b}"] = dict(
+            peak_memory=_ratio(ra["peak_bytes"], rb["peak_bytes"]),
+            peak_rss=_ratio(ra["rss_delta_bytes"], rb["rss_delta_bytes"]),
+            time=_ratio(ra["time_s"], rb["time_s"]),
+            cpu_time=_ratio(ra["cpu_time_s"], rb["cpu_time_s"]),
+        )
+    for a, b in pairs:
+        x = ratios[f"{a}/{b}"]
+        aim = ""
+        if (a, b) == ("fused", "naive"):
+            aim = (f"  (aim <= {LOSS_MEMORY_AIM}: "
+                   f"{'met' if x['peak_memory'] <= LOSS_MEMORY_AIM else 'NOT met'})")
+        print(f"loss  peak memory  {a}/{b} = {x['peak_memory']:.3f}{aim}")
+    for a, b in pairs:
+        reliable = res[a]["rss_reliable"] and res[b]["rss_reliable"]
+        print(f"loss  peak RSS  {a}/{b} = {ratios[f'{a}/{b}']['peak_rss']:.3f}  (cross-check"
+              f"{'' if reliable else ', unreliable'})")
+    for a, b in pairs:
+        print(f"loss  time  {a}/{b} = {ratios[f'{a}/{b}']['time']:.3f}")
+    for a, b in pairs:
+        print(f"loss  CPU time  {a}/{b} = {ratios[f'{a}/{b}']['cpu_time']:.3f}  (cross-check)", flush=True)
+    results["loss"] = dict(res, diffs=diffs, ratios=ratios)
     return ok
 
 
@@ -402,34 +472,7 @@ def run_benchmark(args) -> int:
         print("# --quick: tiny sizes, the ratios below measure overheads, not the real trade-off")
     with tempfile.TemporaryDirectory(prefix="bench_loss_") as tmp:
         if not args.skip_loss:
-            print(f"# loss: V={args.vocab}  H={args.hidden}  markov rank={args.markov_rank}  "
-                  f"rows N·B={args.num_anchors}x{args.block_size}={rows}  "
-                  f"chunk rows={args.chunk_rows}  dtype={args.dtype}", flush=True)
-            naive = _spawn(args, "loss", "naive", tmp)
-            chunked = _spawn(args, "loss", "chunked", tmp)
-            diffs = _diffs(tmp, "loss", "chunked", "naive")
-            logit_bytes = rows * args.vocab * 4
-            chunk_bytes = min(rows, args.chunk_rows) * args.vocab * 4
-            for name, r in (("naive", naive), ("chunked", chunked)):
-                print(f"#   {name:8s} peak {_gib(r['peak_bytes'])} "
-                      f"(= {r['peak_bytes'] / logit_bytes:.2f} x fp32 [R,V] logits "
-                      f"= {r['peak_bytes'] / chunk_bytes:.2f} x [chunk,V])  "
-                      f"rss +{_gib(r['rss_delta_bytes'])}  time {r['time_s']:.2f} s "
-                      f"cpu {r['cpu_time_s']:.2f} s (median of {len(r['times_s'])}, "
-                      f"threads {r['threads']})")
-            ok &= _print_diffs("loss", diffs, tol)
-            mem = _ratio(chunked["peak_bytes"], naive["peak_bytes"])
-            rss = _ratio(chunked["rss_delta_bytes"], naive["rss_delta_bytes"])
-            tim = _ratio(chunked["time_s"], naive["time_s"])
-            cpu = _ratio(chunked["cpu_time_s"], naive["cpu_time_s"])
-            print(f"loss  peak memory  chunked/naive = {mem:.3f}  (aim <= {LOSS_MEMORY_AIM}: "
-                  f"{'met' if mem <= LOSS_MEMORY_AIM else 'NOT met'})")
-            print(f"loss  peak RSS  chunked/naive = {rss:.3f}  (cross-check"
-                  f"{'' if naive['rss_reliable'] and chunked['rss_reliable'] else ', unreliable'})")
-            print(f"loss  time  chunked/naive = {tim:.3f}")
-            print(f"loss  CPU time  chunked/naive = {cpu:.3f}  (cross-check)", flush=True)
-            results["loss"] = dict(naive=naive, chunked=chunked, diffs=diffs,
-                                   ratios=dict(peak_memory=mem, peak_rss=rss, time=tim, cpu_time=cpu))
+            ok &= _loss_section(args, tmp, tol, results)
         if not args.skip_attention:
             print(f"# attention: S={args.seq_len}  N·B={args.num_anchors}x{args.block_size}={rows}  "
                   f"heads={args.heads} (groups {args.query_groups})  head dim={args.head_dim}  "
@@ -443,7 +486,7 @@ def run_benchmark(args) -> int:
                       f"time {r['time_s']:.2f} s  cpu {r['cpu_time_s']:.2f} s "
                       f"(median of {len(r['times_s'])}, threads {r['threads']})")
             print(f"#   kept blocks {struct['kept_blocks']} of {args.batch * args.num_anchors}")
-            ok &= _print_diffs("attention", diffs, tol)
+            ok &= _print_diffs("attention  check structured vs dense", diffs, tol)
             tim = _ratio(struct["time_s"], dense["time_s"])
             cpu = _ratio(struct["cpu_time_s"], dense["cpu_time_s"])
             mem = _ratio(struct["peak_bytes"], dense["peak_bytes"])
@@ -469,9 +512,10 @@ def run_benchmark(args) -> int:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Peak memory and time of megaspark's chunked vocab-parallel loss vs a naive "
-        "full-logits loss, and of structured vs dense-mask block attention (forward+backward, "
-        "single process, TP=1). Prints ratios measured in the same run.",
+        description="Peak memory and time of megaspark's fused vocab-parallel loss (and of the "
+        "previous checkpointed-autograd one) vs a naive full-logits loss, and of structured vs "
+        "dense-mask block attention (forward+backward, single process, TP=1). Prints ratios "
+        "measured in the same run.",
     )
     d = DEFAULTS
     p.add_argument("--quick", action="store_true",
@@ -479,10 +523,11 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, help=f"vocabulary size V (default {d['vocab']})")
     p.add_argument("--hidden", type=int, help=f"hidden size H of the loss inputs (default {d['hidden']})")
     p.add_argument("--markov-rank", type=int, help=f"rank r of the Markov bias feat/W2 (default {d['markov_rank']})")
-    p.add_argument("--num-anchors", type=int, help=f"anchors per sequence N (default {d['num_anchors']})")
-    p.add_argument("--block-size", type=int, help=f"block size B (default {d['block_size']})")
+    p.add_argument("--loss-rows", type=int, help=f"rows R of the loss (default {d['loss_rows']})")
+    p.add_argument("--num-anchors", type=int, help=f"anchors per sequence N for attention (default {d['num_anchors']})")
+    p.add_argument("--block-size", type=int, help=f"block size B for attention (default {d['block_size']})")
     p.add_argument("--seq-len", type=int, help=f"context length S for attention (default {d['seq_len']})")
-    p.add_argument("--chunk-rows", type=int, help=f"loss rows per checkpointed chunk (default {d['chunk_rows']}, megaspark's)")
+    p.add_argument("--chunk-rows", type=int, help=f"loss rows per chunk, fused and chunked (default {d['chunk_rows']})")
     p.add_argument("--heads", type=int, help=f"attention query heads (default {d['heads']})")
     p.add_argument("--query-groups", type=int, help=f"attention KV heads (default {d['query_groups']})")
     p.add_argument("--head-dim", type=int, help=f"attention head dim (default {d['head_dim']})")
@@ -502,6 +547,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="input seed (default 0)")
     p.add_argument("--skip-loss", action="store_true", help="only run the attention benchmark")
     p.add_argument("--skip-attention", action="store_true", help="only run the loss benchmark")
+    p.add_argument("--skip-chunked", action="store_true",
+                   help="leave out the previous (checkpointed autograd) loss: fused vs naive only")
     p.add_argument("--json", metavar="PATH", help="also write all results to this JSON file")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     p.add_argument("--_out", help=argparse.SUPPRESS)

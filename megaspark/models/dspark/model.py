@@ -431,4 +431,8 @@ class DSparkModel(MegatronModule):
             chunk_rows=d.loss_chunk_rows,
             first_slot=0 if d.convention == "S" else 1,
             rows=inputs.loss_rows,
+            # L1 and the target's logits only where the objective or an evaluation uses them
+            need_l1=inputs.target_hidden is not None and (
+                d.alpha_l1 > 0 or d.confidence_head or not torch.is_grad_enabled()),
+            alphas=(d.alpha_ce, d.alpha_l1),
         )
