@@ -300,9 +300,8 @@ class StepInputs:
             if self.pipe_group is not None and not self.last:
                 self._sends.append(torch.distributed.isend(aligned, dst=self.last_rank, group=self.pipe_group))
         if self.features and self.last and not self.first:
-            aligned = self._recvs.pop(i)
-            self._recvs_wait(aligned)
-            aligned = aligned[0]
+            aligned, work = self._recvs.pop(i)
+            work.wait()
             if i + 1 < len(self.host):
                 self._post_recv(i + 1)
         if not self.last:
@@ -326,10 +325,6 @@ class StepInputs:
         buf = torch.empty(blocks.batch_size, blocks.num_anchors, blocks.block_size, self.dcfg.hidden_size,
                           device=self.device, dtype=self.dtype)
         self._recvs[i] = (buf, torch.distributed.irecv(buf, src=self.first_rank, group=self.pipe_group))
-
-    @staticmethod
-    def _recvs_wait(entry) -> None:
-        entry[1].wait()
 
 
 @contextlib.contextmanager
