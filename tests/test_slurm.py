@@ -38,7 +38,7 @@ def trainer_line(rank):
         "env MEGASPARK_SGLANG_URL=http://127.0.0.1:30000 torchrun --nnodes 2 "
         f"--node-rank {rank} --nproc-per-node 8 --rdzv-backend static "
         "--rdzv-endpoint node01:29500 --rdzv-id 4242 pretrain_dspark.py "
-        "--target-backend sglang --target-model /models/Qwen3-8B --target-layer-ids 1 9 17 25 33 "
+        "--target-backend sglang-server --target-model /models/Qwen3-8B --target-layer-ids 1 9 17 25 33 "
         "--data-path /data/qwen3 --bf16 --save '/ckpt/with space'"
     )
 

@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target decoder layers to tap (default: DFlash rule with --num-target-taps)")
     g.add_argument("--num-target-taps", type=int, default=5,
                    help="taps when --target-layer-ids is not given (default: %(default)s, as pretrain_dspark.py)")
-    g.add_argument("--target-backend", default="hf", choices=["hf", "sglang"],
-                   help="who runs the target: HF transformers in this process, or SGLang (GPU only; "
+    g.add_argument("--target-backend", default="hf", choices=["hf", "sglang", "sglang-server"],
+                   help="who runs the target: HF transformers in this process, SGLang's "
+                        "ModelRunner in this process (CPU/GPU), or an SGLang server (GPU only; "
                         "the --sglang-* flags of pretrain_dspark.py apply)")
     g.add_argument("--target-dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="dtype the target computes in (auto: bf16 on a GPU, fp32 on the CPU — "
@@ -232,11 +233,16 @@ def clean_partial(out: Path, job: dict) -> None:
 
 # ------------------------------------------------------------------------------- compute
 
-def build_target(args, layer_ids, device):
+def build_target(args, layer_ids, device, max_length=None):
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.target_dtype]
     if args.target_backend == "sglang":
+        from megaspark.targets.sglang_colocated import SGLangColocatedProvider
+
+        return SGLangColocatedProvider(args.target_model, layer_ids=layer_ids, device=device,
+                                       dtype=dtype, max_tokens=args.batch_size * int(max_length or 4096))
+    if args.target_backend == "sglang-server":
         from megaspark.targets.sglang import SGLangTargetProvider, options_from_args
 
         return SGLangTargetProvider(args.target_model, layer_ids=layer_ids,
@@ -301,7 +307,7 @@ def run_jobs(args, jobs: list, header: dict, out: Path, device, threads: int, pr
     torch.set_num_threads(max(1, threads))
     if not jobs:
         return
-    target = build_target(args, header["layer_ids"], device)
+    target = build_target(args, header["layer_ids"], device, header["dataset"].get("max_length"))
     datasets = {s: PreparedDataset(args.data_path, s, vocab_size=header["vocab_size"])
                 for s in {j["split"] for j in jobs}}
     pad_id = header["dataset"]["pad_token_id"]
@@ -435,6 +441,17 @@ def _main(args) -> int:
         raise ToolError(f"--shard-rank {args.shard_rank} is not in [0, --num-shard-ranks "
                         f"{args.num_shard_ranks})")
     if args.target_backend == "sglang" and not args.finalize:
+        from megaspark.targets.sglang_runtime import check_available
+
+        try:  # fail fast, before any data is read
+            check_available("cuda" if (args.device or "").startswith("cuda") else "cpu",
+                            "--target-backend sglang")
+        except RuntimeError as e:
+            raise ToolError(str(e)) from None
+        if args.num_workers > 1:
+            raise ToolError("--num-workers > 1 with --target-backend sglang: one SGLang runner "
+                            "per process; use --shard-rank to split the work between processes")
+    if args.target_backend == "sglang-server" and not args.finalize:
         from megaspark.targets.sglang import check_sglang_available, options_from_args
 
         try:  # fail fast, before any data is read

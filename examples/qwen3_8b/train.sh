@@ -74,8 +74,8 @@ ARGS=(
   --log-interval 10
   --tensorboard-dir "$OUT/tensorboard"
   --log-jsonl "$OUT/metrics.jsonl"
-  # with TARGET_BACKEND=sglang add the engine settings, e.g.
-  #   --sglang-tp-size 1 --sglang-mem-fraction-static 0.35 --sglang-last-hidden tail
+  # with TARGET_BACKEND=sglang (SGLang's ModelRunner in this process) the GPU share of
+  # SGLang's weights + KV pool is --sglang-mem-fraction-static (default 0.35)
   # TODO(flags missing): Transformer Engine layer spec for the draft (e.g. a
   #   --transformer-impl transformer_engine); the reference recipe is bf16, so FP8
   #   (--fp8-format, which exists) is not part of it.

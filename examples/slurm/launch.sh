@@ -56,11 +56,6 @@ fi
 
 # Fail here, before any node starts, if the settings cannot be rendered.
 python3 "$RENDER" --hosts "$HOSTLIST" --dry-run -- "${TRAIN_ARGS[@]}"
-if ! grep -q "build_sglang_target" "$MEGASPARK_DIR/megaspark/training/pretrain.py" 2> /dev/null; then
-  echo "launch.sh: warning: pretrain.py does not dispatch --target-backend sglang to the SGLang" \
-       "provider yet (examples/slurm/README.md, 'Not wired yet'): the trainer would load the" \
-       "target with HF next to the engines." >&2
-fi
 
 CONTAINER_ARGS=()
 if [ -n "${CONTAINER_IMAGE:-}" ]; then

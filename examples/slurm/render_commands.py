@@ -152,7 +152,7 @@ def node_plan(hosts, node_rank: int, train_args, env) -> dict:
                "--rdzv-backend", "static", "--rdzv-endpoint", f"{hosts[0]}:{master_port}",
                "--rdzv-id", env.get("SLURM_JOB_ID", "megaspark"),
                "pretrain_dspark.py",
-               "--target-backend", "sglang", "--target-model", model,
+               "--target-backend", "sglang-server", "--target-model", model,
                "--target-layer-ids", *[str(k) for k in taps],
                *train_args]
     return {

@@ -1,7 +1,14 @@
-"""The co-located SGLang target provider (``--target-backend sglang``, GPU only).
+"""The SGLang server client (``--target-backend sglang-server``, GPU only).
 
-An SGLang engine runs the frozen target; the draft trainer asks it, per micro-batch and
-without sampling, for the target features of DESIGN.md §3:
+For a disaggregated deployment: the target runs in a separate SGLang server (or an
+``sglang.Engine`` with its own scheduler processes) and the trainer asks it, per
+micro-batch and without sampling, for the target features of DESIGN.md §3 through its
+``generate`` API. Every hidden state travels through SGLang's response path as nested
+Python lists (JSON over HTTP): for a Qwen3-8B sample of 4,096 tokens x 5 taps x 4,096
+that is ~84 M floats per sample, far slower than the target forward
+(``tools/bench_target.py`` measures it). The default, ``--target-backend sglang``, runs
+SGLang's ``ModelRunner`` inside the trainer and takes tensors
+(:mod:`megaspark.targets.sglang_colocated`). The features:
 
 * the tapped layers' raw outputs ``[b, S, L*H]`` and
 * the post-final-norm last hidden state ``[b, S, H]``.
@@ -22,8 +29,9 @@ without sampling, for the target features of DESIGN.md §3:
   engine therefore cannot return both in one request (DESIGN.md §6).
 * Per request: ``Engine.generate(input_ids=[[...], ...], sampling_params=[{...}],
   return_hidden_states=True)`` (``sglang/srt/entrypoints/engine.py``); the HTTP server's
-  ``POST /generate`` takes the same fields. ``max_new_tokens=0`` makes a request
-  prefill-only (``managers/schedule_batch.py::Req.is_prefill_only``). Each output carries
+  ``POST /generate`` takes the same fields. A prefill-only request
+  (``max_new_tokens=0``) returns *no* hidden states (seen against real SGLang 0.5.23 on
+  the CPU), so one greedy token is generated and its row, if any, ignored. Each output carries
   ``meta_info["hidden_states"]``: a list whose first entry is the prefill's
   ``[num_prefill_tokens, width]`` rows as nested Python lists (``managers/
   scheduler_components/batch_result_processor.py::_append_prefill_hidden_states``); any
@@ -83,7 +91,7 @@ from torch import Tensor
 from .base import TargetOutput, TargetProvider, resolve_layer_ids, validate_target_layer_ids
 from .checkpoint import TargetCheckpoint
 
-FLAG = "--target-backend sglang"
+FLAG = "--target-backend sglang-server"
 #: The SGLang release whose API this adapter was written against (read from its wheel).
 SGLANG_VERSION = "0.5.23"
 PIP_INSTALL = f'pip install "sglang=={SGLANG_VERSION}"  (or: pip install -e ".[gpu]")'
@@ -239,10 +247,10 @@ def group_requests(lengths: Sequence[int], max_tokens_per_request: int) -> list[
     return groups
 
 
-def build_generate_request(token_lists: Sequence[Sequence[int]], max_new_tokens: int = 0) -> dict:
+def build_generate_request(token_lists: Sequence[Sequence[int]], max_new_tokens: int = 1) -> dict:
     """Keyword arguments for ``Engine.generate`` (and the JSON body of ``POST /generate``):
-    the token ids as given, no sampling (``max_new_tokens=0``: prefill only), hidden states
-    of every prompt position."""
+    the token ids as given, greedy (one new token by default: a prefill-only request gets no
+    hidden states back from SGLang), hidden states of every prompt position."""
     if not token_lists:
         raise ValueError("no token lists to send")
     for i, t in enumerate(token_lists):
@@ -342,13 +350,16 @@ class SGLangOptions:
     dtype: str = "bfloat16"
     context_length: Optional[int] = None      # >= --seq-length
     max_tokens_per_request: int = 65536       # tokens per generate call
-    max_new_tokens: int = 0                   # 0: prefill only
+    max_new_tokens: int = 1                   # SGLang returns no hidden states for 0 (prefill only)
     last_hidden: str = "tail"                 # "tail" | "engine" (see module docstring)
     last_hidden_url: Optional[str] = None     # second (stock) server for last_hidden="engine"
     random_seed: int = 42
     request_timeout: float = 600.0
     startup_timeout: float = 900.0            # wait for a server to come up on first contact
     extra_engine_kwargs: dict = field(default_factory=dict)
+    #: where an in-process engine runs: "cuda" (the product) or "cpu" (SGLang's torch-native
+    #: path with megaspark's stand-ins; what tools/bench_target.py and the tests use)
+    device: str = "cuda"
 
     def validate(self) -> None:
         if self.tp_size < 1 or self.dp_size < 1:
@@ -357,10 +368,13 @@ class SGLangOptions:
             raise ValueError(f"--sglang-mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}")
         if self.last_hidden not in ("tail", "engine"):
             raise ValueError(f"--sglang-last-hidden must be 'tail' or 'engine', got {self.last_hidden!r}")
-        if self.max_new_tokens < 0:
-            raise ValueError("max_new_tokens must be >= 0")
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1 (SGLang returns no hidden states for a "
+                             "prefill-only request)")
         if self.max_tokens_per_request < 1:
             raise ValueError("--sglang-max-tokens-per-request must be >= 1")
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
 
 
 #: Environment fallbacks, so a launcher can configure the provider before the proposed
@@ -420,6 +434,10 @@ def engine_kwargs(options: SGLangOptions, model_path: str, plan: Optional[Captur
         "chunked_prefill_size": -1,         # one prefill per prompt (all rows committed at once)
         "log_level": "error",
     }
+    if options.device == "cpu":  # SGLang's torch-native CPU path
+        kw.update(device="cpu", attention_backend="torch_native", disable_cuda_graph=True,
+                  sampling_backend="pytorch", skip_server_warmup=True,
+                  max_total_tokens=int(options.max_tokens_per_request))
     if options.dp_size != 1:
         kw["dp_size"] = int(options.dp_size)
     if options.base_gpu_id is not None:
@@ -482,12 +500,18 @@ def add_sglang_arguments(parser) -> None:
 # Engines
 # ---------------------------------------------------------------------------------------
 
-def check_sglang_available(need_import: bool = True) -> None:
-    """Fail fast, naming ``--target-backend sglang``: a GPU, and (for an in-process engine)
-    an importable sglang."""
+def check_sglang_available(need_import: bool = True, device: str = "cuda") -> None:
+    """Fail fast, naming ``--target-backend sglang-server``: a GPU (unless the engine is
+    explicitly put on the CPU), and (for an in-process engine) an importable sglang."""
     from megaspark import platform
 
-    platform.require_gpu(FLAG, "a co-located SGLang engine")
+    if device == "cpu":
+        if need_import:
+            from .sglang_runtime import check_available
+
+            check_available("cpu", FLAG)
+        return
+    platform.require_gpu(FLAG, "an SGLang server")
     if need_import:
         import importlib.util
 
@@ -657,7 +681,7 @@ class SGLangTargetProvider(TargetProvider):
         self.options = options or SGLangOptions()
         self.options.validate()
         if engine is None:
-            check_sglang_available(need_import=self.options.url is None)
+            check_sglang_available(need_import=self.options.url is None, device=self.options.device)
         from .builtin import resolve_target
         from .hf import load_config_offline, load_tokenizer_offline
 

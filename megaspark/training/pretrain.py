@@ -63,6 +63,10 @@ def _build_provider(args):
 
         return build_offline_target(args, device=device, dtype=dtype)
     if args.target_backend == "sglang":
+        from megaspark.targets.sglang_colocated import build_colocated_target
+
+        return build_colocated_target(args, device=device, dtype=dtype)
+    if args.target_backend == "sglang-server":
         from megaspark.targets.sglang import build_sglang_target
 
         return build_sglang_target(args, device=device, dtype=dtype)

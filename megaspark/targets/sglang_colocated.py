@@ -1,0 +1,125 @@
+"""The co-located SGLang target (``--target-backend sglang``, CPU and GPU).
+
+SGLang's ``ModelRunner`` runs the frozen target *inside* the trainer process that
+computes the target (tensor-parallel rank 0 of the first pipeline stage of each model
+replica, as with the HF provider), on the compute device and in the target's dtype. Per
+micro-batch it does one prefill of the samples without their padding and returns:
+
+* the tapped layers' outputs ``[b, S, L*H]`` (layer id ``k`` = output of decoder layer
+  ``k``, SGLang's capture index ``k + 1``; :mod:`megaspark.targets.sglang` has the
+  mapping), and
+* the post-final-norm last hidden state ``[b, S, H]``,
+
+both captured from the same prefill by a hook on the runner's backbone and returned as
+tensors on the compute device in the run's dtype, zero after each sample's end. How the
+runner is driven lives in :mod:`megaspark.targets.sglang_runtime`.
+
+Against HF transformers on the CPU in fp32 the features are bit-identical to HF's run of
+each sample alone. HF's *padded* batch differs from that by ~1e-4 at samples shorter than
+the batch (its masked attention reduces over the padded length), so the provider matches
+the HF provider to that precision, and training through either gives the same losses to
+1e-5 (``tests/test_sglang_colocated.py``).
+
+The disaggregated alternative, a separate SGLang server reached over HTTP, is
+``--target-backend sglang-server`` (:mod:`megaspark.targets.sglang`).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .base import TargetOutput, TargetProvider, resolve_layer_ids
+from .checkpoint import TargetCheckpoint
+
+FLAG = "--target-backend sglang"
+
+
+class SGLangColocatedProvider(TargetProvider):
+    """Frozen target run by SGLang's ``ModelRunner`` in this process.
+
+    Args:
+        model_path_or_name: local HF model directory or ``builtin:<name>``.
+        layer_ids: tapped layers (megaspark ids); ``None``: the default rule.
+        device, dtype: compute device and the target's dtype (the features come out so).
+        max_tokens: the most tokens of one prefill (SGLang's KV pool); a micro-batch with
+            more is split into several prefills.
+        mem_fraction_static: SGLang's share of the GPU for weights + KV (GPU only).
+        context_length: the longest sample (default: the model's).
+    """
+
+    last_hidden_is_post_norm = True
+
+    def __init__(self, model_path_or_name: str, layer_ids: Optional[Sequence[int]] = None,
+                 device="cpu", dtype: torch.dtype = torch.float32, max_tokens: int = 8192,
+                 mem_fraction_static: float = 0.35, context_length: Optional[int] = None,
+                 seed: int = 42):
+        from .builtin import resolve_target
+        from .hf import load_config_offline, load_tokenizer_offline
+        from .sglang_runtime import SGLangModelRunner
+
+        self.name = str(model_path_or_name)
+        self.path = resolve_target(model_path_or_name)
+        self.hf_config = load_config_offline(self.path).get_text_config()
+        self.layer_ids = resolve_layer_ids(layer_ids, self.hf_config.num_hidden_layers)
+        self.device, self.dtype = torch.device(device), dtype
+        self.max_tokens = int(max_tokens)
+        self.tokenizer = load_tokenizer_offline(self.path)
+        self.runner = SGLangModelRunner(self.path, self.layer_ids, self.device, dtype,
+                                        max_total_tokens=self.max_tokens,
+                                        mem_fraction_static=mem_fraction_static,
+                                        context_length=context_length, seed=seed)
+        self._ckpt: Optional[TargetCheckpoint] = None
+
+    @torch.no_grad()
+    def compute(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> TargetOutput:
+        from .sglang import group_requests, strip_padding
+
+        b, S = input_ids.shape
+        tokens = strip_padding(input_ids, attention_mask)
+        lengths = [len(t) for t in tokens]
+        aux = torch.zeros(b, S, self.aux_hidden_size, device=self.device, dtype=self.dtype)
+        last = torch.zeros(b, S, self.hidden_size, device=self.device, dtype=self.dtype)
+        for group in group_requests(lengths, self.max_tokens):
+            a, h = self.runner.prefill([tokens[i] for i in group])
+            off = 0
+            for i in group:
+                n = lengths[i]
+                aux[i, :n] = a[off:off + n]
+                last[i, :n] = h[off:off + n]
+                off += n
+        return TargetOutput(aux_hidden_states=aux, last_hidden_states=last)
+
+    def _checkpoint(self) -> TargetCheckpoint:
+        if self._ckpt is None:
+            self._ckpt = TargetCheckpoint(self.path)
+        return self._ckpt
+
+    def embedding_weight(self) -> Tensor:
+        return self._checkpoint().weight("embedding", self.hf_config)
+
+    def lm_head_weight(self) -> Tensor:
+        return self._checkpoint().weight("lm_head", self.hf_config)
+
+    def __repr__(self) -> str:
+        c = self.hf_config
+        return (f"SGLangColocatedProvider({self.name!r}, {c.model_type}, layers={c.num_hidden_layers}, "
+                f"layer_ids={self.layer_ids}, device={self.device}, dtype={self.dtype})")
+
+
+def build_colocated_target(args, device, dtype: torch.dtype) -> SGLangColocatedProvider:
+    """What ``pretrain.load_target`` calls for ``--target-backend sglang``: one prefill per
+    micro-batch (``--micro-batch-size x --seq-length`` tokens of KV pool)."""
+    tp = getattr(args, "target_tensor_parallel_size", None) or 1
+    if tp != 1:
+        raise ValueError(f"{FLAG}: --target-tensor-parallel-size {tp} is not supported yet (the "
+                         f"co-located target runs whole on the rank that computes it)")
+    return SGLangColocatedProvider(
+        args.target_model, layer_ids=args.target_layer_ids_resolved, device=device, dtype=dtype,
+        max_tokens=int(args.micro_batch_size) * int(args.seq_length),
+        mem_fraction_static=float(getattr(args, "sglang_mem_fraction_static", None) or 0.35),
+        context_length=int(args.seq_length), seed=int(getattr(args, "seed", 42)))
+
+
+__all__ = ["SGLangColocatedProvider", "build_colocated_target"]

@@ -1,0 +1,132 @@
+"""The co-located SGLang target (``--target-backend sglang``) against real SGLang on the CPU.
+
+SGLang (0.5.23, ``tools/install.sh --with-sglang``, which ``.ci/run`` runs) is driven in
+process by megaspark/targets/sglang_runtime.py. These tests skip where sglang is not
+installed, unless ``MEGASPARK_REQUIRE_SGLANG=1`` (set by tools/run_tests.sh), which turns
+the absence into a failure.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_pretrain import _ok, base_flags, data_dir, losses, run  # noqa: F401 (fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+HAVE_SGLANG = importlib.util.find_spec("sglang") is not None
+if not HAVE_SGLANG and os.environ.get("MEGASPARK_REQUIRE_SGLANG") == "1":
+    raise RuntimeError("MEGASPARK_REQUIRE_SGLANG=1 but sglang is not installed: run "
+                       "`bash tools/install.sh --with-sglang`")
+needs_sglang = pytest.mark.skipif(not HAVE_SGLANG, reason="sglang not installed "
+                                  "(bash tools/install.sh --with-sglang)")
+
+
+def _parity(model, *layer_ids):
+    r = subprocess.run([sys.executable, str(REPO / "tests" / "sglang_parity_worker.py"), model,
+                        *map(str, layer_ids)], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="2"), cwd=REPO)
+    lines = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
+    assert r.returncode == 0 and lines, r.stdout[-3000:] + r.stderr[-5000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _check_parity(res, layer_ids=None):
+    if layer_ids is not None:
+        assert res["layer_ids"] == list(layer_ids)
+    assert res["layer_ids"] == res["hf_layer_ids"]
+    assert res["shapes"] == res["ref_shapes"]
+    assert res["dtypes"] == ["torch.float32", "torch.float32"]
+    assert [s["n"] for s in res["samples"]] == [64, 37, 12, 113]
+    for s in res["samples"]:
+        # bit for bit against HF's run of the same sample
+        assert s["aux_equal_alone"] and s["last_equal_alone"], s
+        # the HF provider's padded batch is off HF-alone by its masked attention only; the
+        # SGLang features are exactly that far from it, no further
+        assert s["aux_vs_batch"] <= s["batch_vs_alone"] and s["last_vs_batch"] <= s["batch_vs_alone"], s
+        assert s["batch_vs_alone"] <= 1e-7 * max(1.0, s["scale"]) * 100, s
+        assert s["zero_after_end"], s
+    # the full-length sample has no padding: identical to the HF provider's batch
+    full = res["samples"][0]
+    assert full["aux_vs_batch"] == 0.0 and full["last_vs_batch"] == 0.0
+    assert res["nomask_equal"]
+    assert "one co-located target per process" in res["second_runner"]
+
+
+@needs_sglang
+@pytest.mark.parametrize("layer_ids", [None, (0, 2, 4)], ids=["default-ids", "custom-ids"])
+def test_colocated_matches_hf_tiny_qwen3(tiny_qwen3_dir, layer_ids):
+    _check_parity(_parity(tiny_qwen3_dir, *(layer_ids or ())), layer_ids)
+
+
+@needs_sglang
+@pytest.mark.slow
+@pytest.mark.parametrize("layer_ids", [None, (3, 11, 28)], ids=["default-ids", "custom-ids"])
+def test_colocated_matches_hf_builtin_smollm2(layer_ids):
+    res = _parity("builtin:smollm2-135m", *(layer_ids or ()))
+    _check_parity(res, layer_ids)
+    if layer_ids is None:
+        assert res["layer_ids"] == [1, 8, 14, 20, 27]
+
+
+@needs_sglang
+@pytest.mark.parametrize("tp", [1, 2])
+def test_training_through_sglang_matches_hf(tmp_path, tiny_llama_dir, data_dir, tp):
+    """5 iterations, samples of unequal lengths padded to a multiple of 16."""
+    got = {}
+    for backend in ("hf", "sglang"):
+        log = tmp_path / f"{backend}.jsonl"
+        r = run(tp, *base_flags(tiny_llama_dir, data_dir, "--tensor-model-parallel-size", str(tp),
+                                "--global-batch-size", "4", "--train-iters", "5",
+                                "--pad-to-multiple", "16", "--target-backend", backend,
+                                "--log-jsonl", str(log)), timeout=600)
+        _ok(r)
+        got[backend] = losses(log)
+        if backend == "sglang":
+            built = [l for l in r.stdout.splitlines() if "target" in l and "built on" in l]
+            assert built == ["rank 0: target SGLangColocatedProvider built on cpu in torch.float32"], built
+    assert sorted(got["hf"]) == sorted(got["sglang"]) == [1, 2, 3, 4, 5]
+    for it in range(1, 6):
+        assert got["sglang"][it] == pytest.approx(got["hf"][it], abs=1e-5), (it, got)
+
+
+@needs_sglang
+def test_target_tensor_parallel_size_refused(tiny_llama_dir, data_dir):
+    r = run(1, *base_flags(tiny_llama_dir, data_dir, "--train-iters", "1", "--target-backend", "sglang",
+                           "--target-tensor-parallel-size", "2"))
+    assert r.returncode != 0
+    assert "--target-tensor-parallel-size 2: only 1 is supported" in r.stdout + r.stderr
+
+
+def test_stand_ins_import_but_refuse_calls(tmp_path):
+    """The stand-in packages import anything SGLang imports from them and raise, naming
+    themselves, if something calls it; they go on sys.path only on a CPU."""
+    code = (
+        "import os, sys\n"
+        "from megaspark.targets.sglang_runtime import prepare_environment, STAND_INS\n"
+        "assert prepare_environment('cuda') == []\n"
+        "used = prepare_environment('cpu')\n"
+        "assert 'sgl_kernel' in used, used\n"
+        "assert prepare_environment('cpu') == used\n"
+        "assert os.environ['SGLANG_USE_CPU_ENGINE'] == '1'\n"
+        "assert str(STAND_INS['sgl_kernel']) in os.environ['PYTHONPATH'].split(os.pathsep)\n"
+        "from sgl_kernel import copy_all_layer_kv_cache_cpu as f\n"
+        "from torchvision.transforms import InterpolationMode\n"
+        "import torchvision.transforms.functional\n"
+        "class X(f): pass\n"
+        "print(InterpolationMode.BICUBIC)\n"
+        "try:\n"
+        "    f(1)\n"
+        "except RuntimeError as e:\n"
+        "    print('REFUSED', e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                       env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SGLANG_USE_CPU_ENGINE")})
+    assert r.returncode == 0, r.stderr
+    assert "megaspark stand-in torchvision.transforms.InterpolationMode.BICUBIC" in r.stdout
+    assert "REFUSED sgl_kernel.copy_all_layer_kv_cache_cpu was called" in r.stdout
