@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "JSON); or an offline cache")
     g.add_argument("--target-tensor-parallel-size", type=int, default=None,
                    help="tensor parallelism of the co-located SGLang target (--target-backend "
-                   "sglang); only 1 is supported yet: the target runs whole on the rank that "
-                   "computes it")
+                   "sglang): the draft's TP size (default; every TP rank of the first pipeline "
+                   "stage holds a shard and gets the whole features) or 1 (the whole target on "
+                   "TP rank 0, which broadcasts the features)")
     g.add_argument("--target-layer-ids", type=int, nargs="+", default=None,
                    help="target decoder layers to tap (0-based; id k = HF hidden_states[k+1]); "
                    "default: DFlash rule with --num-target-taps taps")
@@ -334,11 +335,14 @@ def validate_args(args, world_size: int) -> None:
     need(args.memory_budget_gb is None or args.memory_budget_gb > 0, "--memory-budget-gb must be > 0")
     if args.target_backend == "sglang-server":
         platform.require_gpu("--target-backend sglang-server", "an SGLang server")
-    need(args.target_tensor_parallel_size in (None, 1),
-         f"--target-tensor-parallel-size {args.target_tensor_parallel_size}: only 1 is supported "
-         "yet (the co-located SGLang target runs whole on the rank that computes it)")
     need(args.target_tensor_parallel_size is None or args.target_backend == "sglang",
          "--target-tensor-parallel-size is read with --target-backend sglang only")
+    ttp = args.target_tensor_parallel_size
+    need(ttp is None or ttp in (1, tp),
+         f"--target-tensor-parallel-size {ttp}: the co-located target runs either whole on TP rank 0 "
+         f"(1) or sharded over the draft's tensor-parallel ranks ({tp})")
+    # default: the target shares the draft's tensor-parallel ranks
+    args.target_tp_resolved = (tp if ttp is None else ttp) if args.target_backend == "sglang" else 1
     if args.target_backend == "sglang":
         import importlib.util
 

@@ -481,12 +481,13 @@ def in_flight_units(pp: int, vpp: Optional[int], pp_rank: int, microbatches: int
 
 
 def plan_memory(args, dcfg, hf_config, *, tp_rank: int, pp_rank: int, dp_size: int,
-                computes_target: bool) -> MemoryPlan:
+                computes_target: bool, target_tp: int = 1) -> MemoryPlan:
     """The memory plan of one rank (module docstring). ``args`` carries megatron-style
     fields: tensor_model_parallel_size, pipeline_model_parallel_size,
     virtual_pipeline_model_parallel_size, micro_batch_size, seq_length, bf16,
     use_distributed_optimizer, target_dtype (resolved), memory_budget_gb and, optionally,
-    num_microbatches (micro-batches per step on this rank, default 1)."""
+    num_microbatches (micro-batches per step on this rank, default 1). ``target_tp`` > 1: the
+    target's weights are sharded over that many ranks (a tensor-parallel SGLang target)."""
     tp = int(args.tensor_model_parallel_size)
     pp = int(args.pipeline_model_parallel_size)
     vpp = getattr(args, "virtual_pipeline_model_parallel_size", None) or None
@@ -516,6 +517,7 @@ def plan_memory(args, dcfg, hf_config, *, tp_rank: int, pp_rank: int, dp_size: i
 
     # ---- target
     target_numel = target_parameter_count(hf_config) if computes_target else 0
+    target_numel = math.ceil(target_numel / max(1, int(target_tp)))
     target_weights = target_numel * s.f
     per_mb_inputs = input_bytes(d, s, first, last)
     target_act = 0

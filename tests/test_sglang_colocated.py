@@ -75,32 +75,43 @@ def test_colocated_matches_hf_builtin_smollm2(layer_ids):
 
 
 @needs_sglang
-@pytest.mark.parametrize("tp", [1, 2])
-def test_training_through_sglang_matches_hf(tmp_path, tiny_llama_dir, data_dir, tp):
-    """5 iterations, samples of unequal lengths padded to a multiple of 16."""
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (2, 2)], ids=["tp1", "tp2", "tp2pp2"])
+def test_training_through_sglang_matches_hf(tmp_path, tiny_llama_dir, data_dir, tp, pp):
+    """5 iterations, samples of unequal lengths padded to a multiple of 16. At TP 2 the
+    target is sharded over the first stage's TP ranks (the default) or whole on TP rank 0;
+    with PP 2 the last stage's ranks take no part in SGLang's start-up."""
+    runs = {"hf": ["--target-backend", "hf"], "sglang": ["--target-backend", "sglang"]}
+    if (tp, pp) == (2, 1):
+        runs["sglang-ttp1"] = ["--target-backend", "sglang", "--target-tensor-parallel-size", "1"]
     got = {}
-    for backend in ("hf", "sglang"):
-        log = tmp_path / f"{backend}.jsonl"
-        r = run(tp, *base_flags(tiny_llama_dir, data_dir, "--tensor-model-parallel-size", str(tp),
-                                "--global-batch-size", "4", "--train-iters", "5",
-                                "--pad-to-multiple", "16", "--target-backend", backend,
-                                "--log-jsonl", str(log)), timeout=600)
+    for name, flags in runs.items():
+        log = tmp_path / f"{name}.jsonl"
+        r = run(tp * pp, *base_flags(tiny_llama_dir, data_dir, "--tensor-model-parallel-size", str(tp),
+                                     "--pipeline-model-parallel-size", str(pp),
+                                     "--global-batch-size", "4", "--train-iters", "5",
+                                     "--pad-to-multiple", "16", *flags, "--log-jsonl", str(log)),
+                timeout=600)
         _ok(r)
-        got[backend] = losses(log)
-        if backend == "sglang":
-            built = [l for l in r.stdout.splitlines() if "target" in l and "built on" in l]
-            assert built == ["rank 0: target SGLangColocatedProvider built on cpu in torch.float32"], built
-    assert sorted(got["hf"]) == sorted(got["sglang"]) == [1, 2, 3, 4, 5]
-    for it in range(1, 6):
-        assert got["sglang"][it] == pytest.approx(got["hf"][it], abs=1e-5), (it, got)
+        got[name] = losses(log)
+        built = sorted(l for l in r.stdout.splitlines() if "target" in l and "built on" in l)
+        kind = "HFTargetProvider" if name == "hf" else "SGLangColocatedProvider"
+        ranks = [0, 1] if name == "sglang" and tp == 2 else [0]
+        assert built == [f"rank {k}: target {kind} built on cpu in torch.float32" for k in ranks], built
+    for name in runs:
+        assert sorted(got[name]) == [1, 2, 3, 4, 5], (name, got)
+        for it in range(1, 6):
+            assert got[name][it] == pytest.approx(got["hf"][it], abs=1e-5), (name, it, got)
 
 
 @needs_sglang
-def test_target_tensor_parallel_size_refused(tiny_llama_dir, data_dir):
-    r = run(1, *base_flags(tiny_llama_dir, data_dir, "--train-iters", "1", "--target-backend", "sglang",
-                           "--target-tensor-parallel-size", "2"))
+def test_target_tensor_parallel_size_checked(tiny_llama_dir, data_dir):
+    flags = base_flags(tiny_llama_dir, data_dir, "--train-iters", "1")
+    r = run(1, *flags, "--target-backend", "sglang", "--target-tensor-parallel-size", "2")
     assert r.returncode != 0
-    assert "--target-tensor-parallel-size 2: only 1 is supported" in r.stdout + r.stderr
+    assert "--target-tensor-parallel-size 2: the co-located target runs either whole" in r.stdout + r.stderr
+    r = run(1, *flags, "--target-tensor-parallel-size", "1")
+    assert r.returncode != 0
+    assert "--target-tensor-parallel-size is read with --target-backend sglang only" in r.stdout + r.stderr
 
 
 def test_stand_ins_import_but_refuse_calls(tmp_path):

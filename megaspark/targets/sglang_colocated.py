@@ -1,8 +1,11 @@
 """The co-located SGLang target (``--target-backend sglang``, CPU and GPU).
 
-SGLang's ``ModelRunner`` runs the frozen target *inside* the trainer process that
-computes the target (tensor-parallel rank 0 of the first pipeline stage of each model
-replica, as with the HF provider), on the compute device and in the target's dtype. Per
+SGLang's ``ModelRunner`` runs the frozen target *inside* the trainer processes that
+compute it, on the compute device and in the target's dtype: by default sharded with
+SGLang's tensor parallelism over the tensor-parallel ranks of the first pipeline stage
+(``--target-tensor-parallel-size`` = the draft's TP size; each of them gets the whole
+features, no broadcast), or whole on TP rank 0 (``--target-tensor-parallel-size 1``, as
+the HF provider), which broadcasts the features to its TP peers. Per
 micro-batch it does one prefill of the samples without their padding and returns:
 
 * the tapped layers' outputs ``[b, S, L*H]`` (layer id ``k`` = output of decoder layer
@@ -47,14 +50,19 @@ class SGLangColocatedProvider(TargetProvider):
             more is split into several prefills.
         mem_fraction_static: SGLang's share of the GPU for weights + KV (GPU only).
         context_length: the longest sample (default: the model's).
+        tp_ranks: consecutive global ranks sharing the target with tensor parallelism (each
+            calls :meth:`compute` with the same micro-batch and gets the whole features);
+            ``None``: this rank alone.
     """
 
     last_hidden_is_post_norm = True
+    #: given the micro-batch's attention mask, the padding is never computed
+    skips_padding = True
 
     def __init__(self, model_path_or_name: str, layer_ids: Optional[Sequence[int]] = None,
                  device="cpu", dtype: torch.dtype = torch.float32, max_tokens: int = 8192,
                  mem_fraction_static: float = 0.35, context_length: Optional[int] = None,
-                 seed: int = 42):
+                 seed: int = 42, tp_ranks: Optional[Sequence[int]] = None):
         from .builtin import resolve_target
         from .hf import load_config_offline, load_tokenizer_offline
         from .sglang_runtime import SGLangModelRunner
@@ -69,7 +77,7 @@ class SGLangColocatedProvider(TargetProvider):
         self.runner = SGLangModelRunner(self.path, self.layer_ids, self.device, dtype,
                                         max_total_tokens=self.max_tokens,
                                         mem_fraction_static=mem_fraction_static,
-                                        context_length=context_length, seed=seed)
+                                        context_length=context_length, seed=seed, tp_ranks=tp_ranks)
         self._ckpt: Optional[TargetCheckpoint] = None
 
     @torch.no_grad()
@@ -110,16 +118,28 @@ class SGLangColocatedProvider(TargetProvider):
 
 def build_colocated_target(args, device, dtype: torch.dtype) -> SGLangColocatedProvider:
     """What ``pretrain.load_target`` calls for ``--target-backend sglang``: one prefill per
-    micro-batch (``--micro-batch-size x --seq-length`` tokens of KV pool)."""
-    tp = getattr(args, "target_tensor_parallel_size", None) or 1
-    if tp != 1:
-        raise ValueError(f"{FLAG}: --target-tensor-parallel-size {tp} is not supported yet (the "
-                         f"co-located target runs whole on the rank that computes it)")
+    micro-batch (``--micro-batch-size x --seq-length`` tokens of KV pool); with a
+    tensor-parallel target, sharded over this rank's tensor-parallel group."""
+    tp_ranks = None
+    ttp = int(getattr(args, "target_tp_resolved", 1))
+    if ttp > 1:
+        from megatron.core import parallel_state
+
+        from .hf import load_config_offline
+        from .builtin import resolve_target
+
+        cfg = load_config_offline(resolve_target(args.target_model)).get_text_config()
+        heads = int(cfg.num_attention_heads)
+        if heads % ttp:
+            raise ValueError(f"{FLAG}: the target's {heads} attention heads do not split over "
+                             f"--target-tensor-parallel-size {ttp}; use 1")
+        tp_ranks = torch.distributed.get_process_group_ranks(
+            parallel_state.get_tensor_model_parallel_group())
     return SGLangColocatedProvider(
         args.target_model, layer_ids=args.target_layer_ids_resolved, device=device, dtype=dtype,
         max_tokens=int(args.micro_batch_size) * int(args.seq_length),
         mem_fraction_static=float(getattr(args, "sglang_mem_fraction_static", None) or 0.35),
-        context_length=int(args.seq_length), seed=int(getattr(args, "seed", 42)))
+        context_length=int(args.seq_length), seed=int(getattr(args, "seed", 42)), tp_ranks=tp_ranks)
 
 
 __all__ = ["SGLangColocatedProvider", "build_colocated_target"]

@@ -16,12 +16,11 @@ detokenizer process:
   they leave it. Nothing goes through SGLang's response path.
 * **Process groups.** SGLang builds its groups assuming that its tensor x pipeline ranks
   are the whole ``torch.distributed`` world. In a trainer the world is the trainer's, and
-  only the ranks that compute the target build it (tensor-parallel rank 0 of the first
-  pipeline stage of each replica, :mod:`megaspark.training.batches`). So while SGLang
-  initializes, :func:`_solo_world` presents it a world of one rank whose groups are real
-  single-member groups of this rank, created with local synchronization (no other trainer
-  rank takes part). Target tensor parallelism over several trainer ranks is not built
-  yet (the caller refuses it).
+  only the ranks that compute the target build it (:func:`megaspark.training.batches.
+  computes_target`: TP rank 0 of the first pipeline stage, or all its TP ranks for a
+  tensor-parallel target). So while SGLang initializes, :func:`_target_world` presents it
+  a world made of the target's ranks only: real groups over those ranks, created with
+  local synchronization (no other trainer rank takes part).
 * **CPU.** SGLang's torch-native CPU path (``SGLANG_USE_CPU_ENGINE=1``,
   ``attention_backend="torch_native"``) with the import-only stand-ins of
   :mod:`megaspark.targets.sglang_stubs`. In fp32 its hidden states equal HF transformers'
@@ -106,46 +105,72 @@ def check_available(device_type: str, flag: str) -> None:
 
 
 @contextlib.contextmanager
-def _solo_world():
-    """While SGLang builds its process groups: a world of one rank (this one).
+def _target_world(ranks: Sequence[int], backend: str, local_rank: int):
+    """While SGLang builds its process groups: a world made of ``ranks`` only.
 
-    ``torch.distributed`` may be uninitialized (a tool, a test) or the trainer's. In the
-    latter case SGLang's virtual rank 0 is mapped to this rank: its groups are real
-    single-member groups created with ``use_local_synchronization`` so no other rank has
-    to enter ``new_group``. In the former, a one-rank gloo world is created on a free port.
+    ``ranks`` are the consecutive global ranks of the target's tensor-parallel group (this
+    rank among them). SGLang assumes its ranks are the whole ``torch.distributed`` world;
+    in a trainer they are not. So: its world group is created over ``ranks`` before it
+    looks, the default world size reads ``len(ranks)`` and its barriers are among ``ranks``
+    while it builds, every group is
+    created with local synchronization (no rank outside ``ranks`` has to enter
+    ``new_group``), and a group that does not start at rank 0 is shifted there by SGLang's
+    own ``rank_offset``. SGLang's CPU thread binding is skipped (the trainer places its
+    threads). With ``torch.distributed`` uninitialized (a tool, a test) SGLang
+    creates a one-rank world itself.
     """
     import torch.distributed as dist
 
+    ranks = [int(r) for r in ranks]
     if not dist.is_initialized():
+        if len(ranks) != 1:
+            raise RuntimeError("a tensor-parallel SGLang target needs torch.distributed initialized")
         yield
         return
-    me = dist.get_rank()
-    real_new_group, real_rank, real_size = dist.new_group, dist.get_rank, dist.get_world_size
+    if dist.get_rank() not in ranks or ranks != list(range(ranks[0], ranks[0] + len(ranks))):
+        raise RuntimeError(f"rank {dist.get_rank()}: the target's ranks {ranks} must be consecutive "
+                           f"and include this rank")
+    from sglang.srt.distributed import bootstrap
+    from sglang.srt.distributed import parallel_state as ps
 
-    def new_group(ranks=None, *args, **kwargs):
+    real_new_group, real_size, real_barrier = dist.new_group, dist.get_world_size, dist.barrier
+    real_init_mp, real_bind = bootstrap.initialize_model_parallel, bootstrap._bind_threads_if_cpu
+
+    def new_group(*args, **kwargs):
         kwargs["use_local_synchronization"] = True
-        ranks = [me for _ in (ranks or [0])]
-        return real_new_group(sorted(set(ranks)), *args, **kwargs)
-
-    def get_rank(group=None):
-        return 0 if group is None else real_rank(group)
+        return real_new_group(*args, **kwargs)
 
     def get_world_size(group=None):
-        return 1 if group is None else real_size(group)
+        return len(ranks) if group is None else real_size(group)
 
-    dist.new_group, dist.get_rank, dist.get_world_size = new_group, get_rank, get_world_size
+    def barrier(group=None, **kwargs):  # SGLang's start-up barriers: among its ranks only
+        return real_barrier(group=ps._WORLD.cpu_group if group is None else group, **kwargs)
+
+    def initialize_model_parallel(*args, **kwargs):
+        if ranks[0] > 0:
+            kwargs["rank_offset"] = ranks[0]
+        return real_init_mp(*args, **kwargs)
+
+    dist.new_group, dist.get_world_size, dist.barrier = new_group, get_world_size, barrier
+    bootstrap.initialize_model_parallel = initialize_model_parallel
+    # the trainer owns thread placement: SGLang's CPU NUMA binding (one rank per NUMA
+    # node) is not applied to the trainer's processes
+    bootstrap._bind_threads_if_cpu = lambda **_: None
     try:
+        if ps._WORLD is None:
+            ps._WORLD = ps.init_world_group(ranks=ranks, local_rank=local_rank, backend=backend)
         yield
     finally:
-        dist.new_group, dist.get_rank, dist.get_world_size = real_new_group, real_rank, real_size
+        dist.new_group, dist.get_world_size, dist.barrier = real_new_group, real_size, real_barrier
+        bootstrap.initialize_model_parallel, bootstrap._bind_threads_if_cpu = real_init_mp, real_bind
 
 
 def _server_args(model_path: str, device: torch.device, dtype: torch.dtype, max_total_tokens: int,
-                 mem_fraction_static: float, context_length: Optional[int], seed: int):
+                 mem_fraction_static: float, context_length: Optional[int], seed: int, tp_size: int):
     from sglang.srt.server_args import ServerArgs
 
     kw = dict(
-        model_path=str(model_path), tp_size=1, dtype={torch.float32: "float32", torch.bfloat16: "bfloat16",
+        model_path=str(model_path), tp_size=int(tp_size), dtype={torch.float32: "float32", torch.bfloat16: "bfloat16",
                                                       torch.float16: "float16"}[dtype],
         device=device.type, disable_cuda_graph=True, disable_radix_cache=True,
         chunked_prefill_size=-1, skip_server_warmup=True, sampling_backend="pytorch",
@@ -170,11 +195,15 @@ class SGLangModelRunner:
         device, dtype: where and in what the target runs (SGLang's ``dtype``).
         max_total_tokens: KV-pool size in tokens: the most tokens one :meth:`prefill` takes.
         mem_fraction_static: SGLang's weights + KV share of the GPU (ignored on CPU).
+        tp_ranks: the consecutive global ranks that run the target together with tensor
+            parallelism (this rank among them; every one of them calls :meth:`prefill` with
+            the same tokens and gets the whole features). ``None``: this rank alone.
     """
 
     def __init__(self, model_path: str, layer_ids: Sequence[int], device, dtype: torch.dtype,
                  max_total_tokens: int, mem_fraction_static: float = 0.35,
-                 context_length: Optional[int] = None, seed: int = 42):
+                 context_length: Optional[int] = None, seed: int = 42,
+                 tp_ranks: Optional[Sequence[int]] = None):
         global _RUNNER_BUILT
         if _RUNNER_BUILT:
             raise RuntimeError("an SGLang ModelRunner was already built in this process: SGLang "
@@ -189,19 +218,27 @@ class SGLangModelRunner:
         t0 = time.perf_counter()
         self.layer_ids = [int(k) for k in layer_ids]
         self.max_total_tokens = int(max_total_tokens)
+        import torch.distributed as dist
+
+        me = dist.get_rank() if dist.is_initialized() else 0
+        self.tp_ranks = [int(r) for r in tp_ranks] if tp_ranks else [me]
+        tp_rank = self.tp_ranks.index(me) if me in self.tp_ranks else -1
+        if tp_rank < 0:
+            raise ValueError(f"rank {me} is not among the target's ranks {self.tp_ranks}")
         sa = _server_args(model_path, self.device, dtype, self.max_total_tokens, mem_fraction_static,
-                          context_length, seed)
+                          context_length, seed, len(self.tp_ranks))
         gpu_id = int(self.device.index or 0) if self.device.type != "cpu" else 0
+        backend = "gloo" if self.device.type == "cpu" else "nccl"
         with _contained():
             sa.resolve_once()
             # Not ob._set_envs_and_config: it sets the process-wide multiprocessing start
             # method, a SIGQUIT handler and NCCL variables, which belong to the trainer.
             port_args = PortArgs.init_new(sa)
             ob.publish(sa, role="scheduler", ranks=ob.SpawnRanks(
-                world_rank=ob.spawn_world_rank(sa, tp_rank=0, pp_rank=0), gpu_id=gpu_id))
+                world_rank=ob.spawn_world_rank(sa, tp_rank=tp_rank, pp_rank=0), gpu_id=gpu_id))
             ob._init_process_global_configs()
-            with _solo_world():
-                runner, _ = ob.load_model(sa, port_args, gpu_id, 0)
+            with _target_world(self.tp_ranks, backend, gpu_id):
+                runner, _ = ob.load_model(sa, port_args, gpu_id, tp_rank)
         self._bench = runner
         self.runner = runner.torch_runner
         self.model = self.runner.model

@@ -67,6 +67,7 @@ class MicroBatch:
     input_ids: torch.Tensor  # [b, S]
     loss_mask: torch.Tensor  # [b, S]
     stream_positions: list  # global data-stream index of each sample
+    attention_mask: Optional[torch.Tensor] = None  # [b, S], 1 on real tokens (right padding)
 
 
 def make_blocks(mb: MicroBatch, dcfg: DSparkConfig, seed: int, training: bool = True):
@@ -104,20 +105,23 @@ def make_draft_inputs(
     return DraftInputs.from_blocks(blocks, aux, last, device=device)
 
 
-def computes_target() -> bool:
+def computes_target(target_tp: int = 1) -> bool:
     """Whether this rank runs the target: TP rank 0 of the first pipeline stage, once per
-    model replica. Its TP peers receive the features by broadcast; the last stage receives
-    the aligned last hidden state from the first (:func:`prepare_micro_batches`)."""
+    model replica, whose TP peers receive the features by broadcast; or, with a
+    tensor-parallel target (``target_tp`` = the TP size, ``--target-tensor-parallel-size``),
+    every TP rank of the first stage, each of which gets the whole features. The last stage
+    receives the aligned last hidden state from the first (:func:`prepare_micro_batches`)."""
     from megatron.core import parallel_state
 
     return (parallel_state.is_pipeline_first_stage(ignore_virtual=True)
-            and parallel_state.get_tensor_model_parallel_rank() == 0)
+            and (target_tp > 1 or parallel_state.get_tensor_model_parallel_rank() == 0))
 
 
-def _first_stage_features(output, blocks, dcfg: DSparkConfig, compute: bool, device, dtype):
+def _first_stage_features(output, blocks, dcfg: DSparkConfig, compute: bool, device, dtype,
+                          broadcast: bool = True):
     """On the first pipeline stage: (aux [b, S, L·H], aligned last hidden [b, N, B, H]) on
     ``device`` in ``dtype``, computed on TP rank 0 and broadcast to its TP peers (the target
-    runs once per TP group)."""
+    runs once per TP group), or computed on every TP rank (``broadcast=False``)."""
     from megatron.core import parallel_state
 
     aligned_index = blocks.aligned_index.to(device, non_blocking=True)
@@ -126,7 +130,7 @@ def _first_stage_features(output, blocks, dcfg: DSparkConfig, compute: bool, dev
         last = output.last_hidden_states.to(device=device, dtype=dtype)
         aligned = align_to_blocks(last, aligned_index).contiguous()
     group = parallel_state.get_tensor_model_parallel_group()
-    if torch.distributed.get_world_size(group) == 1:
+    if not broadcast or torch.distributed.get_world_size(group) == 1:
         return aux, aligned
     if not compute:
         b, S = blocks.batch_size, blocks.seq_len
@@ -225,7 +229,8 @@ class StepInputs:
 
     def __init__(self, host_blocks: list, dcfg: DSparkConfig, target=None, dp_group=None, *,
                  device=None, feature_dtype: torch.dtype = torch.float32,
-                 expect_features: Optional[bool] = None, chunks: int = 1, annotate: Optional[dict] = None):
+                 expect_features: Optional[bool] = None, chunks: int = 1, annotate: Optional[dict] = None,
+                 target_tp: int = 1):
         from megatron.core import parallel_state
 
         from megaspark import platform
@@ -238,7 +243,8 @@ class StepInputs:
         self.features = target is not None if expect_features is None else expect_features
         self.first = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
         self.last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-        self.compute = computes_target()
+        self.compute = computes_target(target_tp)
+        self.shared_target = target_tp > 1  # every TP rank runs the (sharded) target
         if self.features and self.compute and target is None:
             raise ValueError("this rank computes the target's features but was given no target")
         pp = parallel_state.get_pipeline_model_parallel_world_size()
@@ -316,9 +322,14 @@ class StepInputs:
         hb = self.host[i]
         out = None
         if self.compute:
-            with _borrow_tp_peers_threads():
-                out = self.target.compute(hb.micro_batch.input_ids)
-        return _first_stage_features(out, hb.blocks, self.dcfg, self.compute, self.device, self.dtype)
+            mb = hb.micro_batch
+            # a target that packs samples (SGLang) skips the padding; HF computes the padded
+            # batch unmasked (right padding is invisible to causal attention)
+            mask = mb.attention_mask if getattr(self.target, "skips_padding", False) else None
+            with contextlib.nullcontext() if self.shared_target else _borrow_tp_peers_threads():
+                out = self.target.compute(mb.input_ids, mask)
+        return _first_stage_features(out, hb.blocks, self.dcfg, self.compute, self.device, self.dtype,
+                                     broadcast=not self.shared_target)
 
     def _post_recv(self, i: int) -> None:
         blocks = self.host[i].blocks
@@ -364,4 +375,5 @@ def collate_micro_batch(samples: list, seq_length: int, pad_id: int, stream_posi
 
     S = padded_length([len(s["input_ids"]) for s in samples], seq_length, pad_multiple)
     batch = collate(samples, S, pad_id)
-    return MicroBatch(batch["input_ids"], batch["loss_mask"], list(stream_positions))
+    return MicroBatch(batch["input_ids"], batch["loss_mask"], list(stream_positions),
+                      batch["attention_mask"])

@@ -86,7 +86,8 @@ def check_memory_plan(args, dcfg, hf_config, runs_target: bool) -> None:
 
     plan = plan_memory(args, dcfg, hf_config, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
                        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
-                       dp_size=args.data_parallel_size, computes_target=runs_target)
+                       dp_size=args.data_parallel_size, computes_target=runs_target,
+                       target_tp=args.target_tp_resolved)
     error = None
     try:
         plan.check(budget_bytes(args, platform.compute_device()))
@@ -203,8 +204,9 @@ def pretrain(model_provider, forward_step, argv=None):
     from megaspark.training.batches import computes_target
 
     args.target_dtype_resolved = platform.target_dtype(args.target_dtype, args.bf16, platform.compute_device())
-    check_memory_plan(args, dcfg, hf_config, computes_target())  # before any weights
-    target_info, target = load_target(args, build=computes_target())
+    runs_target = computes_target(args.target_tp_resolved)
+    check_memory_plan(args, dcfg, hf_config, runs_target)  # before any weights
+    target_info, target = load_target(args, build=runs_target)
     if args.mask_token_id is None:
         dcfg.mask_token_id = default_mask_token_id(target_info.tokenizer, hf_config)
     else:

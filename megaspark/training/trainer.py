@@ -166,6 +166,7 @@ class Trainer:
             build_host_blocks(micro, self.dcfg, self.args.seed, training), self.dcfg, self.target,
             self.dp_group, feature_dtype=self.args.target_dtype_resolved, expect_features=True,
             chunks=len(self.ddp_chunks), annotate=dict(loss_scale=scale),
+            target_tp=getattr(self.args, "target_tp_resolved", 1),
         )
 
     def _run_schedule(self, step: StepInputs, forward_only: bool):
