@@ -19,7 +19,8 @@ target's chat template) concatenated and cut to lengths drawn uniformly from
 ``[--min-len, --max-len]``, so micro-batches mix lengths as training does. Each backend
 computes all micro-batches ``--repeats`` times after one warm-up pass; the median pass
 is reported as target tokens/s and ms per sample, with start-up time and the ratio to
-HF. On a CPU everything runs in fp32 with ``--threads`` torch threads.
+HF; the passes of the backends are interleaved, so that load changes hit all alike. On
+a CPU everything runs in fp32 with ``--threads`` torch threads.
 
 Example::
 
@@ -135,38 +136,48 @@ class JSONTimer:
         self.engine.shutdown()
 
 
-def measure(backend: str, args, batches, n_tokens: int) -> dict:
+def measure_all(args, batches, n_tokens: int) -> list:
+    """Build every backend (start-up timed with its first pass), then time the passes
+    interleaved (backend A, B, C, A, B, C, ...) so that a change of machine load hits all
+    of them alike; the median pass of each is reported."""
     import torch
 
-    t0 = time.perf_counter()
-    provider = build(backend, args.target_model, args.micro_batch_size * args.max_len)
-    timer = None
-    if backend == "sglang-server":
-        timer = JSONTimer(provider.engine())
-        provider._engine = timer
-    torch.set_num_threads(args.threads)
-    outputs = [provider.compute(ids, mask) for ids, mask in batches]  # warm-up (and start-up)
-    startup = time.perf_counter() - t0
-    passes, json_s = [], []
+    built = []
+    for backend in args.backends:
+        t0 = time.perf_counter()
+        provider = build(backend, args.target_model, args.micro_batch_size * args.max_len)
+        timer = None
+        if backend == "sglang-server":
+            timer = JSONTimer(provider.engine())
+            provider._engine = timer
+        torch.set_num_threads(args.threads)
+        first = [provider.compute(ids, mask) for ids, mask in batches]  # warm-up (and start-up)
+        built.append(dict(backend=backend, provider=provider, timer=timer, first=first,
+                          startup=time.perf_counter() - t0, passes=[], json=[]))
     for _ in range(args.repeats):
-        if timer:
-            timer.seconds = 0.0
-        t = time.perf_counter()
-        for ids, mask in batches:
-            provider.compute(ids, mask)
-        passes.append(time.perf_counter() - t)
-        json_s.append(timer.seconds if timer else 0.0)
-    if hasattr(provider, "close"):
-        provider.close()
-    sec = statistics.median(passes)
-    res = {"backend": backend, "startup_s": round(startup, 2), "pass_s": round(sec, 4),
-           "tokens_per_s": round(n_tokens / sec, 1), "ms_per_sample": round(1000 * sec / args.num_samples, 2)}
-    if timer:
-        j = statistics.median(json_s)
-        res["json_roundtrip_s"] = round(j, 4)
-        res["http_ms_per_sample"] = round(1000 * (sec + j) / args.num_samples, 2)
-    res["_first"] = outputs
-    return res
+        for b in built:
+            if b["timer"]:
+                b["timer"].seconds = 0.0
+            t = time.perf_counter()
+            for ids, mask in batches:
+                b["provider"].compute(ids, mask)
+            b["passes"].append(time.perf_counter() - t)
+            b["json"].append(b["timer"].seconds if b["timer"] else 0.0)
+    results = []
+    for b in built:
+        if hasattr(b["provider"], "close"):
+            b["provider"].close()
+        sec = statistics.median(b["passes"])
+        res = {"backend": b["backend"], "startup_s": round(b["startup"], 2), "pass_s": round(sec, 4),
+               "tokens_per_s": round(n_tokens / sec, 1),
+               "ms_per_sample": round(1000 * sec / args.num_samples, 2)}
+        if b["timer"]:
+            j = statistics.median(b["json"])
+            res["json_roundtrip_s"] = round(j, 4)
+            res["http_ms_per_sample"] = round(1000 * (sec + j) / args.num_samples, 2)
+        res["_first"] = b["first"]
+        results.append(res)
+    return results
 
 
 def main(argv=None) -> int:
@@ -182,7 +193,7 @@ def main(argv=None) -> int:
     seqs = token_sequences(tok, args.num_samples, args.min_len, args.max_len, args.seed)
     batches = micro_batches(seqs, args.micro_batch_size)
     n_tokens = sum(len(s) for s in seqs)
-    results = [measure(b, args, batches, n_tokens) for b in args.backends]
+    results = measure_all(args, batches, n_tokens)
     # the features must agree (fp32, CPU) for the speed comparison to mean anything
     ref = results[0].pop("_first")
     for r in results[1:]:
