@@ -2,7 +2,6 @@
 co-located SGLang runner, the SGLang engine client) run on real SGLang, agree on the
 features, and the tool reports every number it promises. Speed is not asserted here
 (docs/results.md has the measured ratios)."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,12 +9,13 @@ import sys
 
 import pytest
 
+from tests.sglang_marks import needs_sglang
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "bench_target.py")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang not installed "
-                    "(bash tools/install.sh --with-sglang; tools/run_tests.sh requires it)")
+@needs_sglang
 def test_bench_target_all_backends(tiny_llama_dir):
     r = subprocess.run([sys.executable, TOOL, "--target-model", tiny_llama_dir, "--num-samples", "6",
                         "--min-len", "16", "--max-len", "48", "--micro-batch-size", "3", "--repeats", "1",

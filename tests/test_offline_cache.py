@@ -25,6 +25,7 @@ from megaspark.targets.offline import (
     SCHEMA_VERSION, HiddenStatesCacheError, OfflineTargetProvider, dataset_hash, file_sha256,
     load_target_embeddings,
 )
+from tests.sglang_marks import needs_sglang
 from tests.tiny_models import single_thread
 
 REPO = Path(__file__).resolve().parents[1]
@@ -369,8 +370,7 @@ def test_sglang_server_backend_fails_fast_without_gpu(tmp_path, tiny_llama_dir, 
     assert not (tmp_path / "c").exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang not installed "
-                    "(bash tools/install.sh --with-sglang; tools/run_tests.sh requires it)")
+@needs_sglang
 def test_sglang_colocated_cache_equals_hf_cache(tmp_path, cache_fp32, tiny_llama_dir, data_dir):
     """The co-located SGLang target (real SGLang, CPU, fp32) writes, in batches of 4
     unpadded samples, the cache HF writes one sample at a time."""

@@ -17,13 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.sglang_marks import needs_sglang
+
 REPO = Path(__file__).resolve().parents[1]
-HAVE_SGLANG = importlib.util.find_spec("sglang") is not None
-if not HAVE_SGLANG and os.environ.get("MEGASPARK_REQUIRE_SGLANG") == "1":
-    raise RuntimeError("MEGASPARK_REQUIRE_SGLANG=1 but sglang is not installed: run "
-                       "`bash tools/install.sh --with-sglang`")
-needs_sglang = pytest.mark.skipif(not HAVE_SGLANG, reason="sglang not installed "
-                                  "(bash tools/install.sh --with-sglang)")
 
 # Short prompts, some answered within the budget (they end with the stop token), some cut
 # off by it, one with a system turn and one with two user turns (a second round of

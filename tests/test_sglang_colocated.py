@@ -7,7 +7,6 @@ the absence into a failure.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,15 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.sglang_marks import needs_sglang
 from tests.test_pretrain import _ok, base_flags, data_dir, losses, run  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
-HAVE_SGLANG = importlib.util.find_spec("sglang") is not None
-if not HAVE_SGLANG and os.environ.get("MEGASPARK_REQUIRE_SGLANG") == "1":
-    raise RuntimeError("MEGASPARK_REQUIRE_SGLANG=1 but sglang is not installed: run "
-                       "`bash tools/install.sh --with-sglang`")
-needs_sglang = pytest.mark.skipif(not HAVE_SGLANG, reason="sglang not installed "
-                                  "(bash tools/install.sh --with-sglang)")
 
 
 def _parity(model, *layer_ids):

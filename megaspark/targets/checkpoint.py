@@ -139,4 +139,24 @@ class TargetInfo:
         return self.checkpoint().weight("lm_head", self.hf_config, self.full_config)
 
 
-__all__ = ["TargetCheckpoint", "TargetInfo", "WHICH"]
+class CheckpointWeights:
+    """Mixin for providers that do not hold the target as a torch model (SGLang): the
+    frozen embedding and LM head read from the safetensors at ``self.path``."""
+
+    path: str
+    hf_config = None
+    _ckpt: Optional[TargetCheckpoint] = None
+
+    def _checkpoint(self) -> TargetCheckpoint:
+        if self._ckpt is None:
+            self._ckpt = TargetCheckpoint(self.path)
+        return self._ckpt
+
+    def embedding_weight(self) -> Tensor:
+        return self._checkpoint().weight("embedding", self.hf_config)
+
+    def lm_head_weight(self) -> Tensor:
+        return self._checkpoint().weight("lm_head", self.hf_config)
+
+
+__all__ = ["TargetCheckpoint", "TargetInfo", "CheckpointWeights", "WHICH"]

@@ -89,7 +89,7 @@ import torch
 from torch import Tensor
 
 from .base import TargetOutput, TargetProvider, resolve_layer_ids, validate_target_layer_ids
-from .checkpoint import TargetCheckpoint
+from .checkpoint import CheckpointWeights, TargetCheckpoint
 
 FLAG = "--target-backend sglang-server"
 #: The SGLang release whose API this adapter was written against (read from its wheel).
@@ -657,7 +657,7 @@ class TargetTail(torch.nn.Module):
 # The provider
 # ---------------------------------------------------------------------------------------
 
-class SGLangTargetProvider(TargetProvider):
+class SGLangTargetProvider(CheckpointWeights, TargetProvider):
     """Frozen target served by a co-located SGLang engine (``--target-backend sglang``).
 
     Args:
@@ -701,7 +701,6 @@ class SGLangTargetProvider(TargetProvider):
         self.tail = TargetTail(self.path, self.hf_config, dtype, self.device) if self.plan.tail_block is not None else None
         if self.options.last_hidden == "engine" and last_hidden_engine is None and engine is not None:
             raise ValueError("last_hidden='engine' with an injected engine needs last_hidden_engine too")
-        self._ckpt = None
 
     # -- engines ------------------------------------------------------------------------
     def aux_engine_kwargs(self) -> dict:
@@ -776,17 +775,6 @@ class SGLangTargetProvider(TargetProvider):
             last = pad_batch(self._run(self.last_hidden_engine(), token_lists, self.hidden_size), S)
             last = last.to(self.device)
         return TargetOutput(aux_hidden_states=aux, last_hidden_states=last)
-
-    def _checkpoint(self) -> TargetCheckpoint:
-        if self._ckpt is None:
-            self._ckpt = TargetCheckpoint(self.path)
-        return self._ckpt
-
-    def embedding_weight(self) -> Tensor:
-        return self._checkpoint().weight("embedding", self.hf_config)
-
-    def lm_head_weight(self) -> Tensor:
-        return self._checkpoint().weight("lm_head", self.hf_config)
 
     def final_norm(self):
         return None  # last_hidden_states are post-norm

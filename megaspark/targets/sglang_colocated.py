@@ -34,12 +34,12 @@ import torch
 from torch import Tensor
 
 from .base import TargetOutput, TargetProvider, resolve_layer_ids
-from .checkpoint import TargetCheckpoint
+from .checkpoint import CheckpointWeights
 
 FLAG = "--target-backend sglang"
 
 
-class SGLangColocatedProvider(TargetProvider):
+class SGLangColocatedProvider(CheckpointWeights, TargetProvider):
     """Frozen target run by SGLang's ``ModelRunner`` in this process.
 
     Args:
@@ -78,7 +78,6 @@ class SGLangColocatedProvider(TargetProvider):
                                         max_total_tokens=self.max_tokens,
                                         mem_fraction_static=mem_fraction_static,
                                         context_length=context_length, seed=seed, tp_ranks=tp_ranks)
-        self._ckpt: Optional[TargetCheckpoint] = None
 
     @torch.no_grad()
     def compute(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> TargetOutput:
@@ -98,17 +97,6 @@ class SGLangColocatedProvider(TargetProvider):
                 last[i, :n] = h[off:off + n]
                 off += n
         return TargetOutput(aux_hidden_states=aux, last_hidden_states=last)
-
-    def _checkpoint(self) -> TargetCheckpoint:
-        if self._ckpt is None:
-            self._ckpt = TargetCheckpoint(self.path)
-        return self._ckpt
-
-    def embedding_weight(self) -> Tensor:
-        return self._checkpoint().weight("embedding", self.hf_config)
-
-    def lm_head_weight(self) -> Tensor:
-        return self._checkpoint().weight("lm_head", self.hf_config)
 
     def __repr__(self) -> str:
         c = self.hf_config
