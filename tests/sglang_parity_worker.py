@@ -39,6 +39,7 @@ def main():
     ids, mask = padded(samples, S)
     got = sgl.compute(ids, mask)
     ref = hf.compute(ids, mask)
+    unmasked = hf.compute(ids)  # how the trainer calls the HF provider (right padding is causal-invisible)
     res = {"layer_ids": sgl.layer_ids, "hf_layer_ids": hf.layer_ids,
            "shapes": [list(got.aux_hidden_states.shape), list(got.last_hidden_states.shape)],
            "ref_shapes": [list(ref.aux_hidden_states.shape), list(ref.last_hidden_states.shape)],
@@ -61,6 +62,8 @@ def main():
                 (ref.last_hidden_states[i, :n] - alone.last_hidden_states[0]).abs().max().item()),
             "scale": ref.aux_hidden_states[i, :n].abs().max().item(),
             "zero_after_end": bool((ga[n:] == 0).all() and (gl[n:] == 0).all()),
+            "equal_unmasked_batch": torch.equal(ga[:n], unmasked.aux_hidden_states[i, :n])
+            and torch.equal(gl[:n], unmasked.last_hidden_states[i, :n]),
         })
     # no mask: every position is a token (as the HF provider)
     nomask = sgl.compute(ids[:1, :64])

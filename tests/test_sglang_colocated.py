@@ -47,7 +47,7 @@ def _check_parity(res, layer_ids=None):
         assert s["zero_after_end"], s
     # the full-length sample has no padding: identical to the HF provider's batch
     full = res["samples"][0]
-    assert full["aux_vs_batch"] == 0.0 and full["last_vs_batch"] == 0.0
+    assert full["aux_vs_batch"] == 0.0 and full["last_vs_batch"] == 0.0 and full["equal_unmasked_batch"]
     assert res["nomask_equal"]
     assert "one co-located target per process" in res["second_runner"]
 
