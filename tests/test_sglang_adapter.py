@@ -450,3 +450,28 @@ def test_http_engine_unreachable_names_flag_and_url():
     e = sg.HTTPEngine("http://127.0.0.1:9", startup_timeout=0)
     with pytest.raises(RuntimeError, match=r"--target-backend sglang.*http://127\.0\.0\.1:9"):
         e.generate(sg.build_generate_request([[1]]))
+
+
+# ------------------------------------------------------- co-located memory share (pure logic)
+
+def test_colocated_memory_fraction_from_the_plan():
+    """SGLang's mem_fraction_static for the co-located target: the target's weights shard
+    plus one prefill's KV pool, with headroom, as a share of the device."""
+    from transformers import Qwen3Config
+
+    from megaspark.memory_plan import target_parameter_count
+    from megaspark.targets.sglang_colocated import memory_fraction
+    from tests.test_memory_plan import QWEN3_8B
+
+    cfg = Qwen3Config(**{k: v for k, v in QWEN3_8B.items() if k not in ("architectures", "model_type")})
+    total = 141 * 2**30  # an H200
+    weights = target_parameter_count(cfg) * 2
+    kv = 4096 * 36 * 2 * 8 * 128 * 2  # tokens x layers x (k, v) x kv heads x head dim x bf16
+    f1 = memory_fraction(cfg, 2, 4096, 1, total)
+    assert f1 == pytest.approx(1.05 * (weights + kv) / total + 0.02, abs=1e-4)
+    assert 0.13 < f1 < 0.145  # (15.3 GiB of weights + 0.6 GiB of KV) x 1.05 on 141 GiB, + 2%
+    # sharded over 8 ranks: 1/8 of the weights, KV heads 8/8 = 1 per rank
+    f8 = memory_fraction(cfg, 2, 4096, 8, total)
+    assert f8 == pytest.approx(1.05 * (weights / 8 + kv / 8) / total + 0.02, abs=1e-4)
+    with pytest.raises(ValueError, match="--target-tensor-parallel-size"):
+        memory_fraction(cfg, 2, 4096, 1, 16 * 2**30)  # a 16 GiB device cannot hold it

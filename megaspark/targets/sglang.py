@@ -488,8 +488,10 @@ def add_sglang_arguments(parser) -> None:
     g.add_argument("--sglang-tp-size", type=int, default=1, help="the engine's tensor parallelism")
     g.add_argument("--sglang-dp-size", type=int, default=1, help="engine replicas (server mode)")
     g.add_argument("--sglang-base-gpu-id", type=int, default=None)
-    g.add_argument("--sglang-mem-fraction-static", type=float, default=0.35,
-                   help="GPU memory share of the engine (weights + KV pool)")
+    g.add_argument("--sglang-mem-fraction-static", type=float, default=None,
+                   help="GPU memory share of SGLang's weights + KV pool (default: with "
+                   "--target-backend sglang, the target's shard and one micro-batch of KV from "
+                   "the memory plan; 0.35 for a server)")
     g.add_argument("--sglang-last-hidden", default="tail", choices=["tail", "engine"],
                    help="post-norm last state: run the last layer locally, or a second stock engine")
     g.add_argument("--sglang-last-hidden-url", default=None)

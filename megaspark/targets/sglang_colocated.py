@@ -104,19 +104,47 @@ class SGLangColocatedProvider(CheckpointWeights, TargetProvider):
                 f"layer_ids={self.layer_ids}, device={self.device}, dtype={self.dtype})")
 
 
+def memory_fraction(hf_config, dtype_bytes: int, max_tokens: int, target_tp: int,
+                    total_bytes: int) -> float:
+    """SGLang's ``mem_fraction_static`` for a co-located target: its weights shard plus a KV
+    pool of ``max_tokens`` tokens (what one prefill needs), with 5% + 2% of the device as
+    headroom, as a share of the device's ``total_bytes``. The trainer keeps the rest."""
+    from megaspark.memory_plan import target_parameter_count
+
+    t = max(1, int(target_tp))
+    weights = target_parameter_count(hf_config) * dtype_bytes / t
+    heads = int(hf_config.num_attention_heads)
+    head_dim = int(getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads)
+    kv_heads = -(-int(getattr(hf_config, "num_key_value_heads", None) or heads) // t)
+    kv = int(max_tokens) * int(hf_config.num_hidden_layers) * 2 * kv_heads * head_dim * dtype_bytes
+    frac = 1.05 * (weights + kv) / float(total_bytes) + 0.02
+    if frac >= 0.95:
+        raise ValueError(f"{FLAG}: the target's shard and KV pool need {frac:.0%} of the device's "
+                         f"{total_bytes / 2**30:.0f} GiB; shard it (--target-tensor-parallel-size), "
+                         f"lower --micro-batch-size x --seq-length, or use --target-backend offline")
+    return round(frac, 4)
+
+
 def build_colocated_target(args, device, dtype: torch.dtype) -> SGLangColocatedProvider:
     """What ``pretrain.load_target`` calls for ``--target-backend sglang``: one prefill per
     micro-batch (``--micro-batch-size x --seq-length`` tokens of KV pool); with a
     tensor-parallel target, sharded over this rank's tensor-parallel group."""
+    from .builtin import resolve_target
+    from .hf import load_config_offline
+
     tp_ranks = None
     ttp = int(getattr(args, "target_tp_resolved", 1))
+    cfg = load_config_offline(resolve_target(args.target_model)).get_text_config()
+    max_tokens = int(args.micro_batch_size) * int(args.seq_length)
+    fraction = getattr(args, "sglang_mem_fraction_static", None)
+    if fraction is None:
+        device = torch.device(device)
+        total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+        fraction = (memory_fraction(cfg, torch.finfo(dtype).bits // 8, max_tokens, ttp, total)
+                    if total else 0.35)  # on the CPU the KV pool is max_tokens; this is a ceiling
     if ttp > 1:
         from megatron.core import parallel_state
 
-        from .hf import load_config_offline
-        from .builtin import resolve_target
-
-        cfg = load_config_offline(resolve_target(args.target_model)).get_text_config()
         heads = int(cfg.num_attention_heads)
         if heads % ttp:
             raise ValueError(f"{FLAG}: the target's {heads} attention heads do not split over "
@@ -125,9 +153,8 @@ def build_colocated_target(args, device, dtype: torch.dtype) -> SGLangColocatedP
             parallel_state.get_tensor_model_parallel_group())
     return SGLangColocatedProvider(
         args.target_model, layer_ids=args.target_layer_ids_resolved, device=device, dtype=dtype,
-        max_tokens=int(args.micro_batch_size) * int(args.seq_length),
-        mem_fraction_static=float(getattr(args, "sglang_mem_fraction_static", None) or 0.35),
+        max_tokens=max_tokens, mem_fraction_static=float(fraction),
         context_length=int(args.seq_length), seed=int(getattr(args, "seed", 42)), tp_ranks=tp_ranks)
 
 
-__all__ = ["SGLangColocatedProvider", "build_colocated_target"]
+__all__ = ["SGLangColocatedProvider", "build_colocated_target", "memory_fraction"]
