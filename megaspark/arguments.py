@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-query-groups", type=int, default=None, help="KV heads")
     g.add_argument("--kv-channels", type=int, default=None, help="head dimension")
     g.add_argument("--ffn-hidden-size", type=int, default=None)
+    g.add_argument("--no-qk-norm", dest="qk_norm", action="store_false", default=True,
+                   help="GQA draft layers without per-head q/k RMSNorms (default: with, for every "
+                   "target family, as the DSpark drafts SGLang and vLLM build). A draft trained "
+                   "without them is not served faithfully by those engines")
     g.add_argument("--draft-attention", default=None, choices=["gqa", "mla"],
                    help="the draft's dual-source attention: gqa (the target's block) or mla "
                    "(DeepSeek-V3 multi-head latent attention); default: mla for DeepSeek "

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 # Families whose decoder block the draft reproduces (pre-norm RMSNorm, GQA or MLA, RoPE,
-# SwiGLU). value: (per-head q/k RMSNorm, q/k/v projection bias default)
+# SwiGLU). value: (the family's own blocks have per-head q/k RMSNorms: what an imported
+# export that does not say is assumed to have; q/k/v projection bias default). New drafts
+# have q/k norms whatever the family (DSparkConfig.from_hf_config).
 SUPPORTED_FAMILIES = {
     "llama": (False, None),
     "mistral": (False, None),
@@ -386,6 +388,7 @@ class DSparkConfig:
         qk_nope_head_dim: Optional[int] = None,
         qk_rope_head_dim: Optional[int] = None,
         v_head_dim: Optional[int] = None,
+        qk_norm: Optional[bool] = None,
         **algorithm: Any,
     ) -> "DSparkConfig":
         """Derive the draft from the target's HF (text) config, with Megatron-style overrides
@@ -439,7 +442,12 @@ class DSparkConfig:
                 "--num-query-groups / --kv-channels describe GQA heads but the draft uses MLA"
                 f"{' (the default for ' + model_type + ' targets)' if mla_target else ''}: use "
                 "--qk-nope-head-dim, --qk-rope-head-dim and --v-head-dim, or --draft-attention gqa")
-        qk_norm, bias_default = SUPPORTED_FAMILIES[model_type]
+        # Per-head q/k RMSNorms in every GQA draft by default, whatever the target family:
+        # the DSpark draft layers SGLang and vLLM build always have them (a draft trained
+        # without would be served with norms of weight 1). --no-qk-norm turns them off.
+        qk_norm_given = qk_norm
+        qk_norm = True if qk_norm is None else bool(qk_norm)
+        bias_default = SUPPORTED_FAMILIES[model_type][1]
         hidden = int(cfg.hidden_size)
         heads = int(cfg.num_attention_heads)
         kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
@@ -479,7 +487,7 @@ class DSparkConfig:
             mla = {k: int(v) if v is not None else defaults[k] for k, v in mla_given.items()}
             kv_heads = heads  # no KV groups: every head has its own keys/values from the latent
             head_dim = mla["qk_rope_head_dim"]  # HF DeepseekV3Config.head_dim semantics
-            qk_norm = False
+            qk_norm = bool(qk_norm_given)  # MLA has none (validate() refuses an explicit True)
         n_target = int(cfg.num_hidden_layers)
         layer_ids = list(target_layer_ids) if target_layer_ids is not None else default_target_layer_ids(
             n_target, num_target_taps

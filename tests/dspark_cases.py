@@ -40,10 +40,11 @@ BASE = dict(
 )
 
 # name -> overrides; together: every head variant, both conventions, confidence on/off,
-# q/k norm (Qwen3) and q/k/v bias (Qwen2), both attention backends.
+# q/k norm (a Qwen3 target, and a Llama target as every new draft has; the others are
+# --no-qk-norm drafts), q/k/v bias (Qwen2), both attention backends.
 CASES = {
     "S_vanilla_conf": {},
-    "S_gated_conf_nomarkov": dict(markov_head_type="gated", confidence_with_markov=False),
+    "S_gated_conf_nomarkov": dict(markov_head_type="gated", confidence_with_markov=False, qk_norm=True),
     "S_rnn_conf": dict(markov_head_type="rnn"),
     "S_dflash_rank0_noconf": dict(markov_rank=0, confidence_head=False, alpha_ce=1.0, alpha_l1=0.0),
     "S_vanilla_noconf_qwen3": dict(confidence_head=False, qk_norm=True, target_model_type="qwen3"),

@@ -121,7 +121,8 @@ def test_from_hf_qwen2_has_qkv_bias():
     d = DSparkConfig.from_hf_config(cfg)
     assert d.target_model_type == "qwen2"
     assert d.attention_bias is True
-    assert d.qk_norm is False
+    assert d.qk_norm is True  # every GQA draft has q/k norms (what SGLang/vLLM build)
+    assert DSparkConfig.from_hf_config(cfg, qk_norm=False).qk_norm is False  # --no-qk-norm
     assert d.kv_channels == 16  # hidden / heads: Qwen2 has no head_dim field
     assert d.rope_theta == 1_000_000.0
     d.validate(2)
@@ -134,7 +135,7 @@ def test_from_hf_llama_and_mistral():
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
     )
     d = DSparkConfig.from_hf_config(cfg)
-    assert (d.target_model_type, d.qk_norm, d.attention_bias) == ("llama", False, False)
+    assert (d.target_model_type, d.qk_norm, d.attention_bias) == ("llama", True, False)
     assert (d.num_attention_heads, d.num_query_groups, d.kv_channels) == (4, 4, 16)
     assert d.rope_theta == 500000.0
     assert d.target_layer_ids == [1, 3, 5, 7, 9]
@@ -144,7 +145,7 @@ def test_from_hf_llama_and_mistral():
             num_hidden_layers=12, vocab_size=128,
         )
     )
-    assert m.target_model_type == "mistral" and m.qk_norm is False
+    assert m.target_model_type == "mistral" and m.qk_norm is True
     m.validate(2)
 
 

@@ -116,8 +116,9 @@ def test_every_variant_round_trips(tmp_path, name, layout):
         assert torch.equal(state[k], weights[k]), k
     r = tool("validate_hf_export.py", tmp_path / "x", "--engine", "sglang")
     problems = [line for line in r.stdout.splitlines() if line.startswith("PROBLEM")]
-    # SGLang takes only Convention S drafts with a Markov head
-    allowed = ("markov_rank must be > 0", "Convention D")
+    # SGLang takes only Convention S drafts with a Markov head, and builds q/k norms
+    allowed = ("markov_rank must be > 0", "Convention D") + (
+        ("always have per-head q/k norms",) if not d.qk_norm and d.attention_type == "gqa" else ())
     assert all(any(a in p for a in allowed) for p in problems), r.stdout
     assert (r.returncode == 0) == (not problems)
 
@@ -479,6 +480,18 @@ def test_convert_tool_summary_and_validation(exported):
     assert "embeddings included" in out and "trainable" in out
     r = tool("validate_hf_export.py", exported["hf"]["A"])
     assert r.returncode == 0, r.stdout
+    # a draft trained for the (Llama) tiny target, flags left at their defaults: the block
+    # the engines build (q/k norms), under the name they load, their keys beside ours
+    config = json.loads((Path(exported["hf"]["A"]) / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3DSparkModel"] and config["model_type"] == "llama"
+    assert config["dspark_qk_norm"] is True
+    for ours, theirs in (("block_size", "dspark_block_size"), ("markov_rank", "dspark_markov_rank"),
+                         ("markov_head_type", "dspark_markov_head_type"),
+                         ("mask_token_id", "dspark_noise_token_id"),
+                         ("target_layer_ids", "dspark_target_layer_ids")):
+        assert config[ours] == config[theirs], ours
+    names = set(load_file(Path(exported["hf"]["A"]) / "model.safetensors"))
+    assert {"layers.0.self_attn.q_norm.weight", "layers.0.self_attn.k_norm.weight"} <= names
     help_text = tool("convert_checkpoint_to_hf.py", "--help").stdout
     assert "--layout" in help_text and "--no-embeddings" in help_text
     bad = tool("convert_checkpoint_to_hf.py", "--load", exported["hf"]["A"] + "-nope", "--output",

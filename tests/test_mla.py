@@ -342,7 +342,8 @@ def test_gqa_draft_of_deepseek_target_exports_as_gqa(tmp_path, deepseek_dir):
     _, weights, _ = make_case(d)
     config = ex.export_hf(weights, d, load_config_offline(deepseek_dir).get_text_config(), tmp_path / "g")
     assert not any(k in config for k in ("draft_attention", "kv_lora_rank", "qk_head_dim", "rope_interleave"))
-    assert config["architectures"] == ["LlamaDSparkModel"]
+    assert d.qk_norm  # a GQA draft has q/k norms whatever the target: the engines' block
+    assert config["architectures"] == ["Qwen3DSparkModel"] and config["dspark_qk_norm"] is True
     assert config["dspark_target_shape"]["kv_lora_rank"] == 32
     back, _ = ex.read_hf(tmp_path / "g")
     assert ex.canonical(back) == ex.canonical(d)

@@ -42,14 +42,27 @@ HEAD_TYPES = ("vanilla", "gated", "rnn")
 KNOWN_ARCHITECTURES = {
     "Qwen3DSparkModel": "DeepSpec-native Qwen3 draft (vLLM Qwen3DSparkForCausalLM, SGLang)",
     "DSparkDraftModel": "SpecForge-style DSpark draft (SGLang)",
+    "LingDSparkModel": "Ling-family DSpark draft (SGLang)",
     "DFlashDraftModel": "SpecForge/z-lab DFlash draft",
-    "LlamaDSparkModel": "megaspark Llama-family draft (no q/k norms)",
-    "MistralDSparkModel": "megaspark Mistral-family draft (no q/k norms)",
-    "Qwen2DSparkModel": "megaspark Qwen2-family draft (q/k/v biases)",
+    "LlamaDSparkModel": "megaspark draft trained with --no-qk-norm (no q/k norms)",
+    "MistralDSparkModel": "megaspark Mistral-family draft trained with --no-qk-norm",
+    "Qwen2DSparkModel": "megaspark Qwen2-family draft trained with --no-qk-norm (q/k/v biases)",
     "DeepseekV3DSparkModel": "megaspark draft with DeepSeek-V3 multi-head latent attention (MLA)",
     "DeepseekV2DSparkModel": "megaspark draft with DeepSeek-V2 multi-head latent attention (MLA)",
 }
-ENGINE_ARCHITECTURES = {"Qwen3DSparkModel", "DSparkDraftModel", "DFlashDraftModel"}
+ENGINE_ARCHITECTURES = {"Qwen3DSparkModel", "DSparkDraftModel", "LingDSparkModel", "DFlashDraftModel"}
+# SGLang's DSpark draft layers (sglang/srt/models/dflash.py, the base of models/dspark.py)
+# always build per-head q/k RMSNorms: a draft without them would be served with weight 1
+QK_NORM_ARCHITECTURES = {"Qwen3DSparkModel", "DSparkDraftModel", "LingDSparkModel", "DFlashDraftModel"}
+# SGLang's lookup of the DSpark fields (sglang/srt/speculative/dspark_components/
+# dspark_config.py::parse_dspark_draft_config): a root key with this name first, then the
+# plain key in dspark_config, dflash_config, text_config, the top level
+SGLANG_PREFIXED = {"block_size": "dspark_block_size", "markov_rank": "dspark_markov_rank",
+                   "markov_head_type": "dspark_markov_head_type",
+                   "mask_token_id": "dspark_noise_token_id",
+                   "target_layer_ids": "dspark_target_layer_ids"}
+SGLANG_PLACES = ["dspark_config", "dflash_config", "text_config", "top level"]
+VLLM_HEAD_TYPES = ("vanilla",)  # vLLM's Qwen3DSparkModel builds only the vanilla Markov head
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
 
 
@@ -115,6 +128,14 @@ def _lookup(cfg: dict, key: str, places):
     return False, None, None
 
 
+def sglang_lookup(cfg: dict, key: str):
+    """(found, value, where) of a DSpark field as SGLang resolves it."""
+    pk = SGLANG_PREFIXED.get(key)
+    if pk is not None and cfg.get(pk) is not None:
+        return True, cfg[pk], pk
+    return _lookup(cfg, key, SGLANG_PLACES)
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -161,7 +182,6 @@ def check_config(cfg: dict, engines, report: Report) -> dict:
 
     # ---- DSpark fields, where each engine looks for them
     nested = [p for p in ("dspark_config", "dflash_config") if isinstance(cfg.get(p), dict)]
-    places_sglang = ["dspark_config", "top level", "dflash_config"]
     places_any = ["top level"] + nested
     fields = {}
     for key, required in (("block_size", True), ("mask_token_id", True), ("target_layer_ids", True),
@@ -177,9 +197,15 @@ def check_config(cfg: dict, engines, report: Report) -> dict:
         if found and "vllm" in engines and where != "top level" and key != "num_target_layers":
             report.problem(f"vllm: '{key}' is only in {where}; vLLM reads DSpark fields at the top level "
                            "(export with the deepspec layout)")
-        if found and "sglang" in engines and not _lookup(cfg, key, places_sglang)[0]:
-            report.problem(f"sglang: '{key}' is not where SGLang looks "
-                           "(dspark_config, top level, dflash_config)")
+        if "sglang" in engines and key != "num_target_layers":
+            s_found, s_value, s_where = sglang_lookup(cfg, key)
+            if found and not s_found:
+                report.problem(f"sglang: '{key}' is not where SGLang looks "
+                               f"({SGLANG_PREFIXED.get(key, key)}, dspark_config, dflash_config, "
+                               "text_config, top level)")
+            elif found and s_found and s_value != value:
+                report.problem(f"sglang: reads {key} = {s_value!r} from {s_where}, but {where} says "
+                               f"{value!r} (the engines would serve different drafts)")
 
     V = shape["vocab_size"]
     block = fields.get("block_size")
@@ -211,6 +237,9 @@ def check_config(cfg: dict, engines, report: Report) -> dict:
             report.note("config: no 'markov_head_type'; engines assume 'vanilla'")
         if head_type not in HEAD_TYPES:
             report.problem(f"config: markov_head_type must be one of {HEAD_TYPES}, got {head_type!r}")
+    if rank and head_type not in VLLM_HEAD_TYPES and "vllm" in engines:
+        report.note(f"warning: vllm: its Qwen3DSparkModel builds only the vanilla Markov head; this "
+                    f"draft's '{head_type}' head is served by SGLang only")
     if rank == 0 and "sglang" in engines:
         report.problem("sglang: markov_rank must be > 0 (SGLang serves DSpark drafts only, not plain DFlash)")
     conf = fields.get("enable_confidence_head", False)
@@ -254,8 +283,18 @@ def check_config(cfg: dict, engines, report: Report) -> dict:
             mla = dict(dims, q_lora_rank=q_lora)
         if cfg.get("rope_interleave") is False:
             report.note("config: rope_interleave is false; DeepSeek engines rotate interleaved pairs")
+    # ---- per-head q/k norms
+    arch_set = set(archs) if isinstance(archs, list) else set()
+    qk_norm = cfg.get("dspark_qk_norm")
+    if qk_norm is None:
+        qk_norm = shape["model_type"] == "qwen3" or bool(arch_set & QK_NORM_ARCHITECTURES)
+    if mla is None and not qk_norm and arch_set & QK_NORM_ARCHITECTURES and \
+            ("sglang" in engines or "vllm" in engines):
+        report.problem(f"{'/'.join(e for e in engines)}: {sorted(arch_set & QK_NORM_ARCHITECTURES)[0]} "
+                       "layers always have per-head q/k norms, this draft has none: it would be "
+                       "served with norms of weight 1 (lossless, but acceptance collapses)")
     return dict(
-        mla=mla,
+        mla=mla, qk_norm=bool(qk_norm) and mla is None,
         model_type=shape["model_type"], H=H, heads=heads, kv=kv, hd=hd,
         layers=shape["num_hidden_layers"], I=shape["intermediate_size"], V=V,
         taps=len(ids) if ids else None, rank=rank or 0, head_type=head_type,
@@ -301,7 +340,7 @@ def expected_tensors(s: dict) -> dict:
         if s["bias"]:
             out.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                         p + "self_attn.v_proj.bias": (kv,)})
-        if s["model_type"] == "qwen3":
+        if s["qk_norm"]:
             out.update({p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)})
     if r > 0:
         out.update({"markov_head.markov_w1.weight": (V, r), "markov_head.markov_w2.weight": (V, r)})

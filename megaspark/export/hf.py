@@ -25,11 +25,19 @@ What the tables say
   :data:`LAYOUTS`; key clean-up on import (``model.`` prefix, rotary buffers):
   :data:`IMPORT_KEY_RULES`.
 
-Architecture names. Qwen3 targets export as ``Qwen3DSparkModel`` (the name the engines
-load). The draft block of other supported families differs only by the per-head q/k
-norms (none) and, for Qwen2, the q/k/v biases; they export as ``LlamaDSparkModel``,
-``MistralDSparkModel`` and ``Qwen2DSparkModel`` with ``model_type`` left as the target's,
-so no engine mistakes them for a Qwen3 draft (which would expect ``q_norm``/``k_norm``).
+Architecture names. GQA drafts have per-head q/k norms by default whatever the target
+family, and export as ``Qwen3DSparkModel`` (the name the engines load; ``model_type``
+stays the target's, which SGLang accepts; Qwen2's q/k/v biases are carried by
+``attention_bias``). A draft trained with ``--no-qk-norm`` exports as
+``LlamaDSparkModel``, ``MistralDSparkModel`` or ``Qwen2DSparkModel``, so no engine
+mistakes it for a block with q/k norms. ``dspark_qk_norm`` records which; an import of an
+export without it assumes the target family's own block (q/k norms for Qwen3 only).
+
+SGLang's config lookup (``sglang/srt/models/dspark.py``): root keys prefixed ``dspark_``
+first (``dspark_block_size``, ``dspark_markov_rank``, ``dspark_markov_head_type``,
+``dspark_noise_token_id`` for the mask token, ``dspark_target_layer_ids``), then a
+``dspark_config`` dict, ``dflash_config``, ``text_config``, plain root keys. Both layouts
+write the ``dspark_`` keys beside their native ones.
 
 Slot convention (§0; DESIGN.md decision 1). Every export records
 ``dspark_slot_convention`` (``"S"`` or ``"D"``) and the speculators-style flag
@@ -369,12 +377,16 @@ MLA_CONFIG_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_h
 
 
 def _architecture(d: DSparkConfig) -> str:
-    """An MLA draft is a DeepSeek-style block whatever its target (``DeepseekV2DSparkModel``
-    for a DeepSeek-V2 target, else ``DeepseekV3DSparkModel``); a GQA draft of a DeepSeek
-    target is a plain Llama-style block; other GQA drafts are named after their family."""
+    """A GQA draft with per-head q/k norms (the default for every target family) is the
+    block SGLang and vLLM build: ``Qwen3DSparkModel``. An MLA draft is a DeepSeek-style
+    block whatever its target (``DeepseekV2DSparkModel`` for a DeepSeek-V2 target, else
+    ``DeepseekV3DSparkModel``). A GQA draft trained with ``--no-qk-norm`` is named after its
+    family (``LlamaDSparkModel`` for DeepSeek and Qwen3 targets), names no engine loads."""
     if d.attention_type == "mla":
         return "DeepseekV2DSparkModel" if d.target_model_type == "deepseek_v2" else "DeepseekV3DSparkModel"
-    if d.target_model_type in ("deepseek_v2", "deepseek_v3"):
+    if d.qk_norm:
+        return "Qwen3DSparkModel"
+    if d.target_model_type in ("deepseek_v2", "deepseek_v3", "qwen3"):
         return "LlamaDSparkModel"
     return FAMILY_ARCHITECTURES[d.target_model_type]
 
@@ -396,6 +408,16 @@ _COMMON_CONSTANTS = (
     ("tie_word_embeddings", False),
     ("layer_types", lambda d: ["full_attention"] * d.num_layers),
     ("sample_from_anchor", lambda d: d.convention == "S"),
+    # SGLang's DSpark loader looks first for these root keys (then dspark_config,
+    # dflash_config, text_config, plain root keys): written in both layouts, so that every
+    # engine reads the values the native keys hold
+    ("dspark_block_size", lambda d: d.block_size),
+    ("dspark_markov_rank", lambda d: d.markov_rank),
+    ("dspark_markov_head_type", lambda d: d.markov_head_type),
+    ("dspark_noise_token_id", lambda d: d.mask_token_id),
+    ("dspark_target_layer_ids", lambda d: list(d.target_layer_ids)),
+    # megaspark's record of the draft block (read back by read_hf)
+    ("dspark_qk_norm", lambda d: bool(d.qk_norm)),
 )
 
 LAYOUTS = {
@@ -683,10 +705,12 @@ def config_to_dspark(config: dict, where: str = "config.json") -> DSparkConfig:
             k: config[k] for k in ("rope_theta", "rope_parameters", "rope_scaling", "max_position_embeddings")
             if k in config}))
         values["target_layer_ids"] = [int(i) for i in values["target_layer_ids"]]
+        qk_norm = config.get("dspark_qk_norm")
+        if qk_norm is None:  # an export that does not say: as the target family's blocks
+            qk_norm = SUPPORTED_FAMILIES[values["target_model_type"]][0]
         dcfg = DSparkConfig(
             rope_theta=theta, rope_scaling_factor=factor, rope_yarn=yarn,
-            qk_norm=SUPPORTED_FAMILIES[values["target_model_type"]][0] and values["attention_type"] != "mla",
-            **values)
+            qk_norm=bool(qk_norm) and values["attention_type"] != "mla", **values)
         dcfg.validate()
     except (ConfigError, TypeError, ValueError) as e:
         raise ExportError(f"{where}: not a valid DSpark draft config: {e}") from None

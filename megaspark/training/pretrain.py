@@ -120,7 +120,7 @@ def draft_config(args, hf_config):
         num_target_taps=args.num_target_taps, attention_type=args.draft_attention,
         q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank,
         qk_nope_head_dim=args.qk_nope_head_dim, qk_rope_head_dim=args.qk_rope_head_dim,
-        v_head_dim=args.v_head_dim,
+        v_head_dim=args.v_head_dim, qk_norm=None if getattr(args, "qk_norm", True) else False,
     )
     algorithm = dict(
         block_size=args.block_size, num_anchors=args.num_anchors, markov_rank=args.markov_rank,
@@ -190,6 +190,12 @@ def pretrain(model_provider, forward_step, argv=None):
         hf_config = load_config_offline(resolve_target(args.target_model)).get_text_config()
 
     dcfg = draft_config(args, hf_config)
+    if not dcfg.qk_norm and dcfg.attention_type == "gqa" and torch.distributed.get_rank() == 0:
+        print("megaspark: warning: --no-qk-norm: the draft layers have no per-head q/k norms. "
+              "SGLang and vLLM build DSpark drafts with them and would serve this draft with norms "
+              "of weight 1 (still lossless, but proposing other tokens than trained: acceptance "
+              "collapses); its export is named after the target family, which they do not load.",
+              flush=True)
     args.target_layer_ids_resolved = list(dcfg.target_layer_ids)
     if args.mask_token_id is not None:
         dcfg.mask_token_id = args.mask_token_id
