@@ -20,6 +20,10 @@ megatron), and reports every problem found:
   tensors (``q_proj`` or ``q_a_proj``/``q_a_layernorm``/``q_b_proj`` when ``q_lora_rank`` is
   set, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``).
 
+With ``--load-in-sglang`` (needs sglang) the export is also built with SGLang's own DSpark
+draft class and loaded with its own weight loader on the CPU
+(``megaspark.targets.sglang_runtime.check_draft_in_sglang``).
+
 This file restates the engines' expectations on purpose instead of importing megaspark's
 exporter, so that it checks the exporter rather than repeating it.
 
@@ -423,9 +427,23 @@ def main(argv=None) -> int:
     p.add_argument("--engine", default="all", choices=["sglang", "vllm", "all"],
                    help="which serving engine's expectations to check (default: both)")
     p.add_argument("--quiet", action="store_true", help="print problems only")
+    p.add_argument("--load-in-sglang", action="store_true",
+                   help="also build SGLang's own DSpark draft class from the export (CPU) and load it "
+                        "with SGLang's weight loader: every parameter must hold the export's tensors "
+                        "and no tensor may go unread (needs sglang: tools/install.sh --with-sglang)")
     args = p.parse_args(argv)
     engines = ENGINES if args.engine == "all" else (args.engine,)
     report = validate(args.path, engines)
+    if args.load_in_sglang and not report.problems:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from megaspark.targets.sglang_runtime import check_draft_in_sglang
+
+        loaded = check_draft_in_sglang(args.path)
+        for problem in loaded["problems"]:
+            report.problem(f"sglang load: {problem}")
+        if not loaded["problems"]:
+            report.note(f"sglang load: {loaded['architecture']} built by SGLang holds the "
+                        f"{loaded['loaded']} tensors of the export it reads; none went unread")
     if not args.quiet:
         for note in report.notes:
             print(f"note: {note}")

@@ -340,3 +340,91 @@ def _contained():
 
 
 __all__ = ["SGLangModelRunner", "prepare_environment", "check_available", "SGLANG_VERSION", "STAND_INS"]
+
+
+# ---------------------------------------------------------------------------------------
+# A draft export through SGLang's own DSpark draft class and weight loader
+# ---------------------------------------------------------------------------------------
+
+#: SGLang parameters that fuse several checkpoint tensors (concatenated along dim 0, TP 1)
+_FUSED = {".self_attn.qkv_proj.": ("q_proj", "k_proj", "v_proj"), ".mlp.gate_up_proj.": ("gate_proj", "up_proj")}
+
+
+def _sources(name: str) -> list:
+    """Checkpoint tensor names an SGLang parameter is loaded from (in concatenation order)."""
+    for fused, parts in _FUSED.items():
+        if fused in name:
+            head, tail = name.split(fused)
+            sub = fused.strip(".").split(".")[0]  # self_attn / mlp
+            return [f"{head}.{sub}.{p}.{tail}" for p in parts]
+    return [name]
+
+
+def check_draft_in_sglang(path: str) -> dict:
+    """Build SGLang's DSpark draft model from the export at ``path`` (its ``architectures``
+    class, on the CPU, one rank, fp32), load the export's weights with SGLang's own
+    ``load_weights``, and compare every parameter SGLang built with the tensors it should
+    have been loaded from. Returns ``{"architecture", "problems", "loaded", "ignored"}``:
+    a parameter with no source tensor in the export (SGLang would keep its initial value,
+    e.g. q/k norms of weight 1), a tensor no parameter reads (SGLang ignores unknown
+    names), and a value that differs after loading are problems. One call per process
+    (SGLang's runtime is initialized once)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    prepare_environment("cpu")
+    from sglang.benchmark import one_batch as ob
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.distributed import bootstrap
+    from sglang.srt.server_args import PortArgs, ServerArgs
+
+    from megaspark.export.hf import FROZEN_TENSORS
+
+    with open(os.path.join(path, "config.json")) as f:
+        arch = json.load(f)["architectures"][0]
+    with _contained():
+        sa = ServerArgs(model_path=str(path), device="cpu", attention_backend="torch_native",
+                        disable_cuda_graph=True, dtype="float32", skip_tokenizer_init=True, tp_size=1,
+                        log_level="error", max_total_tokens=256)
+        sa.resolve_once()
+        port_args = PortArgs.init_new(sa)
+        ob.publish(sa, role="scheduler", ranks=ob.SpawnRanks(
+            world_rank=ob.spawn_world_rank(sa, tp_rank=0, pp_rank=0), gpu_id=0))
+        ob._init_process_global_configs()
+        model_config = ModelConfig.from_server_args(sa)
+        with _target_world([0], "gloo", 0):
+            bootstrap.init_parallel_runtime(server_args=sa, device="cpu", dist_port=port_args.nccl_port)
+        bootstrap.init_layer_runtime(model_config=model_config)
+        import sglang.srt.models.dspark as sg_dspark
+
+        cls = getattr(sg_dspark, arch, None)
+        if cls is None:
+            return {"architecture": arch, "problems": [f"SGLang has no DSpark draft class {arch!r}"],
+                    "loaded": 0, "ignored": []}
+        model = cls(config=model_config.hf_config)
+    tensors = {}
+    for file in sorted(os.listdir(path)):
+        if file.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(path, file)))
+    problems, used = [], set()
+    try:
+        model.load_weights(list(tensors.items()))
+    except (ValueError, KeyError, RuntimeError) as e:  # SGLang refuses some names itself
+        problems.append(f"SGLang's loader refused the export: {e}")
+    for name, param in model.named_parameters():
+        srcs = _sources(name)
+        missing = [s for s in srcs if s not in tensors]
+        if missing:
+            problems.append(f"SGLang parameter {name} has no tensor {missing[0]} in the export: "
+                            f"it keeps its initial value")
+            continue
+        used.update(srcs)
+        want = torch.cat([tensors[s].float() for s in srcs], dim=0)
+        if tuple(want.shape) != tuple(param.shape) or not torch.equal(want, param.detach().float()):
+            problems.append(f"SGLang parameter {name} does not hold the export's {'+'.join(srcs)} "
+                            f"after loading")
+    ignored = sorted(k for k in tensors if k not in used and k not in FROZEN_TENSORS
+                     and not k.startswith("confidence_head."))
+    problems += [f"export tensor {k} is read by no SGLang parameter (ignored)" for k in ignored]
+    return {"architecture": arch, "problems": problems, "loaded": len(used), "ignored": ignored}
