@@ -346,6 +346,8 @@ __all__ = ["SGLangModelRunner", "prepare_environment", "check_available", "SGLAN
 # A draft export through SGLang's own DSpark draft class and weight loader
 # ---------------------------------------------------------------------------------------
 
+#: export tensors SGLang's DSpark loader skips: the draft uses the target's own
+_FROM_TARGET = ("embed_tokens.weight", "lm_head.weight")
 #: SGLang parameters that fuse several checkpoint tensors (concatenated along dim 0, TP 1)
 _FUSED = {".self_attn.qkv_proj.": ("q_proj", "k_proj", "v_proj"), ".mlp.gate_up_proj.": ("gate_proj", "up_proj")}
 
@@ -378,8 +380,6 @@ def check_draft_in_sglang(path: str) -> dict:
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.distributed import bootstrap
     from sglang.srt.server_args import PortArgs, ServerArgs
-
-    from megaspark.export.hf import FROZEN_TENSORS
 
     with open(os.path.join(path, "config.json")) as f:
         arch = json.load(f)["architectures"][0]
@@ -424,7 +424,10 @@ def check_draft_in_sglang(path: str) -> dict:
         if tuple(want.shape) != tuple(param.shape) or not torch.equal(want, param.detach().float()):
             problems.append(f"SGLang parameter {name} does not hold the export's {'+'.join(srcs)} "
                             f"after loading")
-    ignored = sorted(k for k in tensors if k not in used and k not in FROZEN_TENSORS
-                     and not k.startswith("confidence_head."))
+    # the confidence head is built only in SGLang's dynamic ragged-verify mode
+    # (models/dspark.py::build_confidence_head); in the default static mode it is not, and
+    # its tensors are rightly unread
+    ignored = sorted(k for k in tensors if k not in used and k not in _FROM_TARGET
+                     and not (k.startswith("confidence_head.") and getattr(model, "confidence_head", None) is None))
     problems += [f"export tensor {k} is read by no SGLang parameter (ignored)" for k in ignored]
     return {"architecture": arch, "problems": problems, "loaded": len(used), "ignored": ignored}
