@@ -117,8 +117,9 @@ def main(target_dir, data_dir, rank, mode, inject=None):
     elif inject == "broadcast-cpu":
         orig_first = batches._first_stage_features
 
-        def first_stage_features(output, blocks, dcfg, compute, device, dtype):
-            return orig_first(output, blocks, dcfg, compute, device if compute else torch.device("cpu"), dtype)
+        def first_stage_features(output, blocks, dcfg, compute, device, dtype, **kw):
+            return orig_first(output, blocks, dcfg, compute, device if compute else torch.device("cpu"), dtype,
+                              **kw)
 
         batches._first_stage_features = first_stage_features
     elif inject == "blocks-cpu":

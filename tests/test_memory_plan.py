@@ -178,7 +178,7 @@ class _FakeTarget:
     def __init__(self, d, dtype):
         self.d, self.dtype = d, dtype
 
-    def compute(self, input_ids):
+    def compute(self, input_ids, attention_mask=None):
         from megaspark.targets.base import TargetOutput
 
         b, S = input_ids.shape

@@ -327,7 +327,7 @@ class StepInputs:
             # batch unmasked (right padding is invisible to causal attention)
             mask = mb.attention_mask if getattr(self.target, "skips_padding", False) else None
             with contextlib.nullcontext() if self.shared_target else _borrow_tp_peers_threads():
-                out = self.target.compute(mb.input_ids, mask)
+                out = self.target.compute(mb.input_ids) if mask is None else self.target.compute(mb.input_ids, mask)
         return _first_stage_features(out, hb.blocks, self.dcfg, self.compute, self.device, self.dtype,
                                      broadcast=not self.shared_target)
 
