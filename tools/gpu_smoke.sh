@@ -31,6 +31,9 @@
 #   bash tools/gpu_smoke.sh                        # imports already work
 #   WHEELS=/data/wheels bash tools/gpu_smoke.sh    # bare machine, torch preinstalled
 #   bash tools/gpu_smoke.sh --print-requirements   # what to `pip download` into WHEELS
+#   EXTRA_TRAIN_ARGS="--target-backend sglang" bash tools/gpu_smoke.sh
+#                                                  # the target run by SGLang in the trainer
+#                                                  # (needs sglang; ran with DEVICE=cpu)
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
