@@ -4,8 +4,11 @@ built must then hold the export's tensors (fused q/k/v and gate/up included), an
 tensor of the export may go unread. A renamed q/k-norm or Markov key, or a draft without
 q/k norms under an engine's name, must fail (tests of the test).
 
-Not covered yet (issue 14): running a draft block through SGLang's forward and comparing
-its proposals with megaspark's."""
+SGLang's own Markov heads (vanilla, gated, RNN), fed the export's weights and walked slot
+by slot as SGLang drafts, give megaspark's Markov bias.
+
+Not covered yet (issue 14): running a whole draft block through SGLang's forward (its
+attention needs a ForwardBatch and a KV pool) and comparing its proposals with megaspark's."""
 import json
 import os
 import shutil
@@ -22,8 +25,8 @@ from tests.test_export import export_case
 REPO = Path(__file__).resolve().parents[1]
 
 
-def sglang_load(path) -> dict:
-    r = subprocess.run([sys.executable, str(REPO / "tests" / "sglang_loader_worker.py"), str(path)],
+def sglang_load(path, *extra) -> dict:
+    r = subprocess.run([sys.executable, str(REPO / "tests" / "sglang_loader_worker.py"), str(path), *extra],
                        capture_output=True, text=True, timeout=300, cwd=REPO,
                        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
     lines = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
@@ -72,3 +75,14 @@ def test_draft_without_qk_norm_is_not_served_as_an_engine_class(tmp_path):
     # claimed as Qwen3DSparkModel, SGLang would run it with q/k norms of weight 1
     res = sglang_load(edited(tmp_path / "x", tmp_path / "q", config={"architectures": ["Qwen3DSparkModel"]}))
     assert any("q_norm.weight" in p and "initial value" in p for p in res["problems"]), res
+
+
+@needs_sglang
+@pytest.mark.parametrize("case,head", [("S_vanilla_noconf_qwen3", "VanillaMarkov"),
+                                       ("S_gated_conf_nomarkov", "GatedMarkovHead"),
+                                       ("S_rnn_conf", "RNNHead")])
+def test_sglang_markov_heads_give_megaspark_bias(tmp_path, case, head):
+    d, _, _, _ = export_case(case, tmp_path / "x")
+    res = sglang_load(tmp_path / "x", "--markov")
+    assert res["head"] == head and res["missing"] == [] and res["unexpected"] == [], res
+    assert res["scale"] > 0 and res["max_abs_diff"] <= 1e-5 * max(1.0, res["scale"]), res
