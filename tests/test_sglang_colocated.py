@@ -135,3 +135,30 @@ def test_stand_ins_import_but_refuse_calls(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "megaspark stand-in torchvision.transforms.InterpolationMode.BICUBIC" in r.stdout
     assert "REFUSED sgl_kernel.copy_all_layer_kv_cache_cpu was called" in r.stdout
+
+
+@needs_sglang
+def test_target_whose_heads_do_not_split_runs_on_tp_rank_0(tmp_path):
+    """A 6-head target at TP 4 (SmolLM2 has 9 heads): the default target TP falls back to 1
+    with a message; asking for it explicitly is refused before any weights are loaded."""
+    from tests.test_pretrain import _chat_file
+    from tests.tiny_models import make_tiny_target
+
+    target = make_tiny_target(tmp_path / "t", family="llama", hidden=48, heads=6, kv_heads=2)
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, str(REPO / "tools/prepare_data.py"), "--input",
+                    str(_chat_file(tmp_path / "c.jsonl")), "--target-model", target, "--output", str(data),
+                    "--max-length", "64", "--valid-fraction", "0.15", "--min-supervised-tokens", "4",
+                    "--quiet"], check=True, capture_output=True, text=True)
+    flags = base_flags(target, str(data), "--tensor-model-parallel-size", "4", "--global-batch-size", "2",
+                       "--micro-batch-size", "1", "--train-iters", "1", "--target-backend", "sglang",
+                       "--num-attention-heads", "4", "--num-query-groups", "4")
+    r = run(4, *flags)
+    _ok(r)
+    assert "attention heads do not split over TP 4: SGLang runs it whole on TP rank 0" in r.stdout
+    built = [l for l in r.stdout.splitlines() if "built on" in l]
+    assert built == ["rank 0: target SGLangColocatedProvider built on cpu in torch.float32"], built
+    r = run(4, *flags, "--target-tensor-parallel-size", "4")
+    assert r.returncode != 0
+    assert "--target-tensor-parallel-size 4: the target's 6 attention heads do not split" in r.stdout + r.stderr
+    assert "built on" not in r.stdout

@@ -917,7 +917,9 @@ def load_hf_draft_weights(model_chunks, path, dcfg: Optional[DSparkConfig] = Non
         diff = {k: (a[k], b[k]) for k in b if a.get(k) != b[k]}
         if diff:
             detail = ", ".join(f"{k}: export {x} vs run {y}" for k, (x, y) in diff.items())
-            raise ExportError(f"{path} is a different draft shape ({detail})")
+            hint = ("; q/k norms are on by default: add --no-qk-norm to start from a draft without them"
+                    if diff.get("qk_norm") == (False, True) else "")
+            raise ExportError(f"{path} is a different draft shape ({detail}){hint}")
     trainable = {k: v for k, v in state.items() if k not in FROZEN_TENSORS}
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     for chunk in chunks:

@@ -482,7 +482,8 @@ def add_sglang_arguments(parser) -> None:
     """The provider's flags, added to ``pretrain_dspark.py``'s parser by
     ``megaspark/arguments.py`` (:func:`options_from_args` falls back to the defaults when
     a caller's namespace lacks them)."""
-    g = parser.add_argument_group("SGLang target engine (--target-backend sglang)")
+    g = parser.add_argument_group("SGLang target (--target-backend sglang-server; "
+                                  "--sglang-mem-fraction-static also for sglang)")
     g.add_argument("--sglang-url", default=None,
                    help="a running per-node SGLang server; default: start an in-process engine")
     g.add_argument("--sglang-tp-size", type=int, default=1, help="the engine's tensor parallelism")

@@ -259,8 +259,11 @@ class StepInputs:
         self._built: dict = {}  # micro-batch -> [inputs, chunks that have not taken it yet]
         self._sends: list = []
         self._recvs: dict = {}
+        # a tensor-parallel target runs its own collectives: on a side stream they could
+        # interleave with the draft's TP collectives differently on different ranks (a
+        # deadlock), so it computes on the current stream
         self._side = (torch.cuda.Stream(self.device) if self.device.type == "cuda" and self.first
-                      and self.features else None)
+                      and self.features and not self.shared_target else None)
         self._ahead: dict = {}  # micro-batch -> (aux, aligned) computed on the side stream
         if self.last and self.pipe_group is not None and not self.first:
             self._post_recv(0)

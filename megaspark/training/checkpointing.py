@@ -247,7 +247,10 @@ class Checkpointer:
         diff = {k: (theirs[k], ours[k]) for k in ours if theirs.get(k) != ours[k]}
         if diff:
             detail = ", ".join(f"{k}: checkpoint {a} vs run {b}" for k, (a, b) in diff.items())
-            raise CheckpointError(f"--load checkpoint has a different draft shape ({detail})")
+            hint = ("; q/k norms are on by default since drafts became serving-compatible: add "
+                    "--no-qk-norm to continue a draft trained without them"
+                    if diff.get("qk_norm") == (False, True) else "")
+            raise CheckpointError(f"--load checkpoint has a different draft shape ({detail}){hint}")
 
     def load(self, trainer, path: str) -> None:
         from megatron.core import dist_checkpointing

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from megaspark import platform
-from megaspark.arguments import parse_args
+from megaspark.arguments import ArgumentError, parse_args
 
 
 def _log0(msg: str) -> None:
@@ -194,7 +194,7 @@ def pretrain(model_provider, forward_step, argv=None):
         print("megaspark: warning: --no-qk-norm: the draft layers have no per-head q/k norms. "
               "SGLang and vLLM build DSpark drafts with them and would serve this draft with norms "
               "of weight 1 (still lossless, but proposing other tokens than trained: acceptance "
-              "collapses); its export is named after the target family, which they do not load.",
+              "collapses); its export gets a *DSparkModel name the engines do not load.",
               flush=True)
     args.target_layer_ids_resolved = list(dcfg.target_layer_ids)
     if args.mask_token_id is not None:
@@ -210,6 +210,18 @@ def pretrain(model_provider, forward_step, argv=None):
     from megaspark.training.batches import computes_target
 
     args.target_dtype_resolved = platform.target_dtype(args.target_dtype, args.bf16, platform.compute_device())
+    if args.target_backend == "sglang" and args.target_tp_resolved > 1:
+        heads = int(hf_config.num_attention_heads)
+        if heads % args.target_tp_resolved:
+            if args.target_tensor_parallel_size is not None:
+                raise ArgumentError(
+                    f"--target-tensor-parallel-size {args.target_tp_resolved}: the target's {heads} "
+                    f"attention heads do not split that way; use 1 (whole target on TP rank 0)")
+            if torch.distributed.get_rank() == 0:
+                print(f"megaspark: the target's {heads} attention heads do not split over TP "
+                      f"{args.target_tp_resolved}: SGLang runs it whole on TP rank 0 "
+                      f"(--target-tensor-parallel-size 1)", flush=True)
+            args.target_tp_resolved = 1
     runs_target = computes_target(args.target_tp_resolved)
     check_memory_plan(args, dcfg, hf_config, runs_target)  # before any weights
     target_info, target = load_target(args, build=runs_target)
