@@ -561,3 +561,14 @@ def test_export_loads_at_tp2(exported, real_batch):
     for got in run_distributed(_tp2_worker, 2, exported["hf"]["A"], real_batch):
         assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
         assert got["metrics"]["tau"] == pytest.approx(ref["metrics"]["tau"], rel=1e-5)
+
+
+def test_draft_without_qk_norm_loaded_by_a_default_run_suggests_the_flag(tmp_path):
+    """Drafts became serving-compatible (q/k norms on by default): starting from an older
+    export without them fails on the shape check and names --no-qk-norm."""
+    import dataclasses
+
+    d, _, _, _ = export_case("S_vanilla_conf", tmp_path / "x")
+    assert not d.qk_norm
+    with pytest.raises(ex.ExportError, match="qk_norm: export False vs run True.*--no-qk-norm"):
+        ex.load_hf_draft_weights([], tmp_path / "x", dcfg=dataclasses.replace(d, qk_norm=True))
