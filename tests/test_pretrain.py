@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.sglang_marks import needs_sglang
 from tests.tiny_models import make_tiny_target
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,10 +216,11 @@ def test_bad_input_is_refused_clearly(tmp_path, tiny_llama_dir, data_dir):
            "different target")
 
 
-@pytest.mark.slow
-def test_short_run_against_real_smollm2(tmp_path):
-    """The embedded default target end to end: data rendered with SmolLM2's chat template,
-    TP=2 training of its default (TP-friendly) draft shape, checkpoint written."""
+@pytest.fixture(scope="module")
+def smollm2_run(tmp_path_factory):
+    """The README job in small: data rendered with SmolLM2's chat template, TP=2 training
+    of its default (TP-friendly) draft shape, checkpoint written."""
+    tmp_path = tmp_path_factory.mktemp("smollm2")
     out = tmp_path / "data"
     subprocess.run(
         [sys.executable, str(REPO / "tools/prepare_data.py"), "--input", str(_chat_file(tmp_path / "c.jsonl", 16)),
@@ -233,12 +235,41 @@ def test_short_run_against_real_smollm2(tmp_path):
             "--global-batch-size", "2", "--train-iters", "3", "--log-interval", "1",
             "--eval-interval", "3", "--eval-iters", "1", "--no-progress-bar",
             "--save", str(tmp_path / "ckpt"), "--log-jsonl", str(log), timeout=900)
+    return tmp_path, r, log
+
+
+@pytest.mark.slow
+def test_short_run_against_real_smollm2(smollm2_run):
+    """The embedded default target end to end."""
+    tmp_path, r, log = smollm2_run
     _ok(r)
     assert "heads 8/4x72" in r.stdout  # 9/3 heads of SmolLM2 do not split over TP=2
     train = losses(log)
     assert sorted(train) == [1, 2, 3] and all(v == v and v > 0 for v in train.values())
     assert losses(log, "eval")
     assert (tmp_path / "ckpt" / "latest").read_text() == "iter_0000003"
+
+
+@pytest.mark.slow
+@needs_sglang
+def test_real_smollm2_draft_is_served_by_sglang(smollm2_run):
+    """The README job's draft for the Llama-family SmolLM2 exports as Qwen3DSparkModel with
+    q/k norms, passes the validator for SGLang, and real SGLang builds it, loads every
+    tensor and drafts the same blocks as megaspark (with SmolLM2's own embedding and LM
+    head: the export does not ship them, the validator takes them from the target)."""
+    tmp_path, r, _ = smollm2_run
+    _ok(r)
+    hf = tmp_path / "hf"
+    subprocess.run([sys.executable, str(REPO / "tools/convert_checkpoint_to_hf.py"), "--load",
+                    str(tmp_path / "ckpt"), "--output", str(hf)], check=True, capture_output=True,
+                   text=True, timeout=600)
+    config = json.loads((hf / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3DSparkModel"] and config["dspark_qk_norm"] is True
+    v = subprocess.run([sys.executable, str(REPO / "tools/validate_hf_export.py"), str(hf), "--engine",
+                        "sglang", "--load-in-sglang"], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert v.returncode == 0, v.stdout[-3000:] + v.stderr[-3000:]
+    assert "none went unread" in v.stdout and "give megaspark's tokens" in v.stdout, v.stdout
 
 
 def test_load_hf_draft_continues_from_exported_weights(tmp_path, tiny_llama_dir, data_dir):

@@ -21,8 +21,10 @@ megatron), and reports every problem found:
   set, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``).
 
 With ``--load-in-sglang`` (needs sglang) the export is also built with SGLang's own DSpark
-draft class and loaded with its own weight loader on the CPU
-(``megaspark.targets.sglang_runtime.check_draft_in_sglang``).
+draft class and loaded with its own weight loader on the CPU, and draft blocks run by
+SGLang (layers, attention over the context KV, Markov drafting loop, confidence head) are
+compared with megaspark's inference forward of the same export
+(``megaspark.export.sglang_parity.compare_with_sglang``).
 
 This file restates the engines' expectations on purpose instead of importing megaspark's
 exporter, so that it checks the exporter rather than repeating it.
@@ -430,20 +432,31 @@ def main(argv=None) -> int:
     p.add_argument("--load-in-sglang", action="store_true",
                    help="also build SGLang's own DSpark draft class from the export (CPU) and load it "
                         "with SGLang's weight loader: every parameter must hold the export's tensors "
-                        "and no tensor may go unread (needs sglang: tools/install.sh --with-sglang)")
+                        "and no tensor may go unread; then draft blocks run by SGLang must give the "
+                        "tokens, logits and confidences megaspark's inference forward gives (needs "
+                        "sglang: tools/install.sh --with-sglang)")
+    p.add_argument("--target", default=None,
+                   help="with --load-in-sglang: the target model (HF directory) whose embedding and "
+                        "LM head the blocks use, for an export that does not ship them (default: the "
+                        "dspark_target its config names)")
     args = p.parse_args(argv)
     engines = ENGINES if args.engine == "all" else (args.engine,)
     report = validate(args.path, engines)
     if args.load_in_sglang and not report.problems:
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from megaspark.targets.sglang_runtime import check_draft_in_sglang
+        from megaspark.export.sglang_parity import compare_with_sglang
 
-        loaded = check_draft_in_sglang(args.path)
-        for problem in loaded["problems"]:
-            report.problem(f"sglang load: {problem}")
-        if not loaded["problems"]:
-            report.note(f"sglang load: {loaded['architecture']} built by SGLang holds the "
-                        f"{loaded['loaded']} tensors of the export it reads; none went unread")
+        served = compare_with_sglang(args.path, target_model=args.target)
+        for problem in served["problems"]:
+            report.problem(f"sglang: {problem}")
+        if not served["problems"]:
+            report.note(f"sglang load: {served['architecture']} built by SGLang holds the "
+                        f"{served['loaded']} tensors of the export it reads; none went unread")
+            b = served["blocks"]
+            conf = "" if b["max_confidence_diff"] is None else \
+                f", confidences within {b['max_confidence_diff']:.1g}"
+            report.note(f"sglang blocks: {len(b['tokens'])} draft blocks run by SGLang give megaspark's "
+                        f"tokens, logits within {b['max_logit_diff']:.1g} (scale {b['logit_scale']:.3g}){conf}")
     if not args.quiet:
         for note in report.notes:
             print(f"note: {note}")

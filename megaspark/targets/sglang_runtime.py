@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -339,7 +340,7 @@ def _contained():
             logging.getLogger(n).setLevel(lvl)
 
 
-__all__ = ["SGLangModelRunner", "prepare_environment", "check_available", "SGLANG_VERSION", "STAND_INS"]
+__all__ = ["SGLangModelRunner", "SGLangDraft", "check_draft_in_sglang", "prepare_environment", "check_available", "SGLANG_VERSION", "STAND_INS"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -362,72 +363,192 @@ def _sources(name: str) -> list:
     return [name]
 
 
+class SGLangDraft:
+    """An HF draft export as SGLang builds and runs it: SGLang's own DSpark draft class
+    (the export's ``architectures``), on the CPU, one rank, fp32, its weights read by
+    SGLang's own ``load_weights``. One per process (SGLang's runtime is initialized once).
+
+    :meth:`check` compares every parameter SGLang built with the export's tensors;
+    :meth:`propose` runs draft blocks through SGLang's forward and its own drafting loop.
+    The confidence head is built (SGLang builds it only in a dynamic ragged-verify mode)
+    when the export has one, so that its loading and outputs are checked too."""
+
+    def __init__(self, path: str):
+        from safetensors.torch import load_file
+
+        prepare_environment("cpu")
+        from sglang.benchmark import one_batch as ob
+        from sglang.srt.configs.model_config import ModelConfig
+        from sglang.srt.distributed import bootstrap
+        from sglang.srt.server_args import PortArgs, ServerArgs
+
+        self.path = str(path)
+        with open(os.path.join(self.path, "config.json")) as f:
+            self.architecture = json.load(f)["architectures"][0]
+        self.tensors = {}
+        for file in sorted(os.listdir(self.path)):
+            if file.endswith(".safetensors"):
+                self.tensors.update(load_file(os.path.join(self.path, file)))
+        has_confidence = any(k.startswith("confidence_head.") for k in self.tensors)
+        verify_mode = os.environ.get("SGLANG_RAGGED_VERIFY_MODE")
+        with _contained():
+            sa = ServerArgs(model_path=self.path, device="cpu", attention_backend="torch_native",
+                            disable_cuda_graph=True, dtype="float32", skip_tokenizer_init=True,
+                            tp_size=1, log_level="error", max_total_tokens=256)
+            sa.resolve_once()
+            port_args = PortArgs.init_new(sa)
+            ob.publish(sa, role="scheduler", ranks=ob.SpawnRanks(
+                world_rank=ob.spawn_world_rank(sa, tp_rank=0, pp_rank=0), gpu_id=0))
+            ob._init_process_global_configs()
+            model_config = ModelConfig.from_server_args(sa)
+            with _target_world([0], "gloo", 0):
+                bootstrap.init_parallel_runtime(server_args=sa, device="cpu", dist_port=port_args.nccl_port)
+            bootstrap.init_layer_runtime(model_config=model_config)
+            import sglang.srt.models.dspark as sg_dspark
+
+            cls = getattr(sg_dspark, self.architecture, None)
+            self.model = None
+            if cls is not None:
+                if has_confidence:  # models/dspark.py::build_confidence_head
+                    os.environ["SGLANG_RAGGED_VERIFY_MODE"] = "cap-accept"
+                try:
+                    self.model = cls(config=model_config.hf_config).float().eval()
+                finally:
+                    if verify_mode is None:
+                        os.environ.pop("SGLANG_RAGGED_VERIFY_MODE", None)
+                    else:
+                        os.environ["SGLANG_RAGGED_VERIFY_MODE"] = verify_mode
+        self.load_error = None
+        if self.model is not None:
+            try:
+                self.model.load_weights(list(self.tensors.items()))
+            except (ValueError, KeyError, RuntimeError) as e:  # SGLang refuses some names itself
+                self.load_error = str(e)
+
+    def check(self) -> dict:
+        """``{"architecture", "problems", "loaded", "ignored"}``: a parameter with no source
+        tensor in the export (SGLang would keep its initial value, e.g. q/k norms of weight
+        1), a tensor no parameter reads (SGLang ignores unknown names), a value that differs
+        after loading, and a loader error are problems."""
+        if self.model is None:
+            return {"architecture": self.architecture, "loaded": 0, "ignored": [],
+                    "problems": [f"SGLang has no DSpark draft class {self.architecture!r}"]}
+        tensors = self.tensors
+        problems, used = [], set()
+        if self.load_error is not None:
+            problems.append(f"SGLang's loader refused the export: {self.load_error}")
+        for name, param in self.model.named_parameters():
+            srcs = _sources(name)
+            missing = [s for s in srcs if s not in tensors]
+            if missing:
+                problems.append(f"SGLang parameter {name} has no tensor {missing[0]} in the export: "
+                                f"it keeps its initial value")
+                continue
+            used.update(srcs)
+            want = torch.cat([tensors[s].float() for s in srcs], dim=0)
+            if tuple(want.shape) != tuple(param.shape) or not torch.equal(want, param.detach().float()):
+                problems.append(f"SGLang parameter {name} does not hold the export's {'+'.join(srcs)} "
+                                f"after loading")
+        # without a confidence head in the export SGLang builds none here, and nothing of
+        # it is read
+        ignored = sorted(k for k in tensors if k not in used and k not in _FROM_TARGET
+                         and not (k.startswith("confidence_head.") and self.model.confidence_head is None))
+        problems += [f"export tensor {k} is read by no SGLang parameter (ignored)" for k in ignored]
+        return {"architecture": self.architecture, "problems": problems, "loaded": len(used),
+                "ignored": ignored}
+
+    def attach_target(self, embed_weight: Tensor, lm_head_weight: Tensor) -> None:
+        """The target's embedding and LM head, as SGLang's worker attaches them
+        (``attach_shared_modules``), built as SGLang's vocab-parallel modules."""
+        from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+        vocab, hidden = lm_head_weight.shape
+        embed = VocabParallelEmbedding(vocab, hidden).float()
+        head = ParallelLMHead(vocab, hidden).float()
+        for module, w in ((embed, embed_weight), (head, lm_head_weight)):
+            loader = getattr(module.weight, "weight_loader")
+            loader(module.weight, w.float())
+        self.model.attach_shared_modules(embed_tokens=embed, lm_head=head)
+
+    @torch.no_grad()
+    def propose(self, context_features: Sequence[Tensor], anchors: Sequence[int]) -> dict:
+        """Greedy draft blocks for a batch of sequences, as SGLang's DSpark worker drafts
+        (``dspark_components/dspark_draft.py``): sequence i's context features
+        ``[N_i, L·H]`` (positions 0…N_i−1) are projected and written to the draft KV pool
+        (``write_target_hidden_kv``), the block ``[anchor, mask…]`` at positions N_i… runs
+        through the draft layers (``forward``: attention over the context KV and the whole
+        block), then ``compute_base_logits``, the Markov loop ``draft_markov_block`` and
+        ``compute_confidence``. Returns ``tokens [n, γ]``, ``logits [n, γ, V]`` (the
+        corrected step logits), ``base_logits``, ``hidden [n, γ, H]`` and ``confidence
+        [n, γ]`` (None without a confidence head).
+
+        The attention kernel is SGLang's torch-native backend (its CPU backend) run as one
+        extend over the cached context; the GPU kernels and the target-verify batch
+        plumbing of a served decode step do not run here."""
+        from types import SimpleNamespace
+
+        from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+        from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+        from sglang.srt.model_executor.forward_context import ForwardContext, forward_context
+        from sglang.srt.runtime_context import get_parallel
+        from sglang.srt.speculative.dspark_components.dspark_draft import DraftNoise, draft_markov_block
+        from sglang.srt.speculative.spec_tp_sync import SpecTpSync
+
+        model = self.model
+        if model.lm_head is None:
+            raise RuntimeError("SGLangDraft.propose needs the target's embedding and LM head "
+                               "(attach_target)")
+        n, gamma = len(anchors), int(model.gamma)
+        lens = [int(f.shape[0]) for f in context_features]
+        attn = model.layers[0].self_attn
+        total = sum(lens) + n * gamma
+        pool = MHATokenToKVPool(size=total + 1, page_size=1, dtype=torch.float32,
+                                head_num=attn.num_kv_heads, head_dim=attn.head_dim,
+                                layer_num=len(model.layers), device="cpu", enable_memory_saver=False)
+        req_to_token = torch.zeros(n, max(lens) + gamma, dtype=torch.int32)
+        slot = 1  # slot 0 is SGLang's padding slot
+        ctx_loc, blk_loc, ctx_pos, blk_pos = [], [], [], []
+        for i, length in enumerate(lens):
+            slots = torch.arange(slot, slot + length + gamma)
+            req_to_token[i, :length + gamma] = slots.int()
+            ctx_loc.append(slots[:length])
+            blk_loc.append(slots[length:])
+            ctx_pos.append(torch.arange(length))
+            blk_pos.append(torch.arange(length, length + gamma))
+            slot += length + gamma
+        model.write_target_hidden_kv(target_hidden=torch.cat(list(context_features)).float(), pool=pool,
+                                     positions=torch.cat(ctx_pos), cache_loc=torch.cat(ctx_loc))
+        ids = torch.full((n, gamma), int(model.draft_config.mask_token_id), dtype=torch.long)
+        ids[:, 0] = torch.as_tensor([int(a) for a in anchors])
+        backend = TorchNativeAttnBackend(SimpleNamespace(
+            device=torch.device("cpu"), token_to_kv_pool=pool,
+            req_to_token_pool=SimpleNamespace(req_to_token=req_to_token)))
+        seq_lens = torch.as_tensor([length + gamma for length in lens])
+        batch = ForwardBatch(
+            forward_mode=ForwardMode.EXTEND, batch_size=n, input_ids=ids.flatten(),
+            req_pool_indices=torch.arange(n), seq_lens=seq_lens, out_cache_loc=torch.cat(blk_loc),
+            seq_lens_sum=int(seq_lens.sum()), seq_lens_cpu=seq_lens, positions=torch.cat(blk_pos),
+            extend_prefix_lens=torch.as_tensor(lens), extend_seq_lens=torch.full((n,), gamma),
+            extend_num_tokens=n * gamma)
+        with forward_context(ForwardContext(attn_backend=backend)):
+            backend.init_forward_metadata(batch)
+            hidden = model.forward(ids.flatten(), batch.positions, batch).hidden_states
+        base, features = model.compute_base_logits(hidden)
+        base = base.view(n, gamma, -1)
+        tokens, logits = draft_markov_block(
+            markov_head=model.markov_head, base_logits=base, anchor_tokens=ids[:, 0],
+            draft_hidden=hidden.view(n, gamma, -1), step_temperatures=torch.zeros(n),
+            noise=DraftNoise(key=0, offset=torch.zeros(1, dtype=torch.int64)),
+            tp_sync=SpecTpSync(get_parallel().tp_group), greedy_draft=False)
+        confidence = None
+        if model.confidence_head is not None:
+            confidence, _ = model.compute_confidence(anchor_tokens=ids[:, 0], draft_tokens=tokens,
+                                                     confidence_features=features)
+        return {"tokens": tokens, "logits": logits, "base_logits": base,
+                "hidden": hidden.view(n, gamma, -1), "confidence": confidence}
+
+
 def check_draft_in_sglang(path: str) -> dict:
-    """Build SGLang's DSpark draft model from the export at ``path`` (its ``architectures``
-    class, on the CPU, one rank, fp32), load the export's weights with SGLang's own
-    ``load_weights``, and compare every parameter SGLang built with the tensors it should
-    have been loaded from. Returns ``{"architecture", "problems", "loaded", "ignored"}``:
-    a parameter with no source tensor in the export (SGLang would keep its initial value,
-    e.g. q/k norms of weight 1), a tensor no parameter reads (SGLang ignores unknown
-    names), and a value that differs after loading are problems. One call per process
-    (SGLang's runtime is initialized once)."""
-    import json
-
-    from safetensors.torch import load_file
-
-    prepare_environment("cpu")
-    from sglang.benchmark import one_batch as ob
-    from sglang.srt.configs.model_config import ModelConfig
-    from sglang.srt.distributed import bootstrap
-    from sglang.srt.server_args import PortArgs, ServerArgs
-
-    with open(os.path.join(path, "config.json")) as f:
-        arch = json.load(f)["architectures"][0]
-    with _contained():
-        sa = ServerArgs(model_path=str(path), device="cpu", attention_backend="torch_native",
-                        disable_cuda_graph=True, dtype="float32", skip_tokenizer_init=True, tp_size=1,
-                        log_level="error", max_total_tokens=256)
-        sa.resolve_once()
-        port_args = PortArgs.init_new(sa)
-        ob.publish(sa, role="scheduler", ranks=ob.SpawnRanks(
-            world_rank=ob.spawn_world_rank(sa, tp_rank=0, pp_rank=0), gpu_id=0))
-        ob._init_process_global_configs()
-        model_config = ModelConfig.from_server_args(sa)
-        with _target_world([0], "gloo", 0):
-            bootstrap.init_parallel_runtime(server_args=sa, device="cpu", dist_port=port_args.nccl_port)
-        bootstrap.init_layer_runtime(model_config=model_config)
-        import sglang.srt.models.dspark as sg_dspark
-
-        cls = getattr(sg_dspark, arch, None)
-        if cls is None:
-            return {"architecture": arch, "problems": [f"SGLang has no DSpark draft class {arch!r}"],
-                    "loaded": 0, "ignored": []}
-        model = cls(config=model_config.hf_config)
-    tensors = {}
-    for file in sorted(os.listdir(path)):
-        if file.endswith(".safetensors"):
-            tensors.update(load_file(os.path.join(path, file)))
-    problems, used = [], set()
-    try:
-        model.load_weights(list(tensors.items()))
-    except (ValueError, KeyError, RuntimeError) as e:  # SGLang refuses some names itself
-        problems.append(f"SGLang's loader refused the export: {e}")
-    for name, param in model.named_parameters():
-        srcs = _sources(name)
-        missing = [s for s in srcs if s not in tensors]
-        if missing:
-            problems.append(f"SGLang parameter {name} has no tensor {missing[0]} in the export: "
-                            f"it keeps its initial value")
-            continue
-        used.update(srcs)
-        want = torch.cat([tensors[s].float() for s in srcs], dim=0)
-        if tuple(want.shape) != tuple(param.shape) or not torch.equal(want, param.detach().float()):
-            problems.append(f"SGLang parameter {name} does not hold the export's {'+'.join(srcs)} "
-                            f"after loading")
-    # the confidence head is built only in SGLang's dynamic ragged-verify mode
-    # (models/dspark.py::build_confidence_head); in the default static mode it is not, and
-    # its tensors are rightly unread
-    ignored = sorted(k for k in tensors if k not in used and k not in _FROM_TARGET
-                     and not (k.startswith("confidence_head.") and getattr(model, "confidence_head", None) is None))
-    problems += [f"export tensor {k} is read by no SGLang parameter (ignored)" for k in ignored]
-    return {"architecture": arch, "problems": problems, "loaded": len(used), "ignored": ignored}
+    """:meth:`SGLangDraft.check` of the export at ``path`` (one call per process)."""
+    return SGLangDraft(path).check()
