@@ -78,12 +78,14 @@ def main(argv=None):
     from megaspark.targets.base import TargetError
     from megaspark.targets.offline import HiddenStatesCacheError
     from megaspark.training.checkpointing import CheckpointError
+    from megaspark.training.resilience import CollectiveTimeoutError, NonFiniteStepError
     from megaspark.training.pretrain import pretrain
 
     try:
         pretrain(model_provider, forward_step, argv)
     except (ArgumentError, ConfigError, CheckpointError, DataError, ExportError,
-            TransformerEngineUnavailableError, HiddenStatesCacheError, TargetError, MemoryPlanError) as e:
+            TransformerEngineUnavailableError, HiddenStatesCacheError, TargetError, MemoryPlanError,
+            NonFiniteStepError, CollectiveTimeoutError) as e:
         print(f"pretrain_dspark.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:

@@ -197,6 +197,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress-bar", dest="progress_bar", action="store_false")
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop (after saving, if --save) once the iteration is a multiple of this")
+
+    g = p.add_argument_group("surviving the cluster (docs/reliability.md)")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM or SIGUSR1 (e.g. Slurm's --signal=USR1@120 before a time limit "
+                   "or preemption) finish the current step, save a checkpoint on every rank and "
+                   "exit 0; a signal reaching any one rank is enough")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and exit once the run has trained this many minutes (checked "
+                   "after every step, the same decision on every rank)")
+    g.add_argument("--no-auto-resume", dest="auto_resume", action="store_false",
+                   help="start from scratch even when --save holds a checkpoint (by default a run "
+                   "without --load resumes from the newest intact checkpoint in --save)")
+    g.add_argument("--skip-nonfinite-steps", type=int, default=0,
+                   help="skip up to this many steps whose loss or gradient is non-finite (the "
+                   "optimizer is not touched; the step and its samples are logged); one more "
+                   "stops the run without saving (default 0: the first one stops it)")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=30.0,
+                   help="a collective that waits longer than this ends the job with a message "
+                   "naming the rank and the operation (a rank stopped responding)")
     return p
 
 
@@ -251,6 +270,10 @@ def validate_args(args, world_size: int) -> None:
         need(value is None or value >= 1, f"--{flag.replace('_', '-')} must be >= 1")
     need(args.save_interval is None or args.save is not None,
          "--save-interval needs --save (a checkpoint directory)")
+    need(args.exit_duration_in_mins is None or args.exit_duration_in_mins > 0,
+         "--exit-duration-in-mins must be > 0")
+    need(args.skip_nonfinite_steps >= 0, "--skip-nonfinite-steps must be >= 0")
+    need(args.distributed_timeout_minutes > 0, "--distributed-timeout-minutes must be > 0")
     need(args.data_path is not None, "--data-path is required (run tools/prepare_data.py first)")
     need(os.path.isdir(args.data_path),
          f"--data-path {args.data_path} is not a directory (run tools/prepare_data.py first)")

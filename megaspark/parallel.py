@@ -21,7 +21,7 @@ def initialize_distributed(
     virtual_pipeline_model_parallel_size: Optional[int] = None,
     backend: Optional[str] = None,
     seed: int = 1234,
-    timeout_minutes: int = 30,
+    timeout_minutes: float = 30,
     device: str = "auto",
 ) -> None:
     """Initialise torch.distributed (from the torchrun environment) and megatron groups.
@@ -29,7 +29,9 @@ def initialize_distributed(
     World size must be divisible by TP×PP; DP is what remains. Also seeds the
     model-parallel RNG tracker the way Megatron-LM does (TP ranks get distinct
     streams for TP-local randomness; DP ranks share them). ``device`` (``--device``) becomes
-    the run's compute device (:func:`megaspark.platform.compute_device`).
+    the run's compute device (:func:`megaspark.platform.compute_device`). A collective that
+    waits longer than ``timeout_minutes`` (``--distributed-timeout-minutes``) fails instead of
+    hanging (gloo raises; NCCL's watchdog aborts the process).
     """
     compute = platform.resolve_device(device)
     platform.install_cpu_compat(force=compute.type == "cpu")
@@ -64,6 +66,7 @@ def initialize_distributed(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        distributed_timeout_minutes=timeout_minutes,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 

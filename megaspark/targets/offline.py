@@ -52,6 +52,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from megaspark.fileio import atomic_write_text, file_sha256
+
 from .base import TargetOutput, TargetProvider, resolve_layer_ids
 from .checkpoint import TargetCheckpoint
 
@@ -176,27 +178,6 @@ def shard_file_name(split: str, k: int, n: int) -> str:
 
 def sidecar_path(shard_path) -> Path:
     return Path(str(shard_path) + ".json")
-
-
-def file_sha256(path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            b = fh.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
-def atomic_write_text(path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class ShardWriter:

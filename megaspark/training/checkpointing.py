@@ -6,17 +6,23 @@ Layout of ``--save``::
         megaspark_state.pt  iteration, consumed samples, scheduler, args, DSpark config,
                             target fingerprint, best eval tau, loss history
         rng_rank{r}.pt      RNG state of every rank
+        checksums.json      size and sha256 of every file above, written last
     latest                  text file: the name of the newest complete checkpoint
     best                    text file: the checkpoint with the best eval tau
 
 A checkpoint is written to ``iter_N.tmp`` and renamed only when complete, then
 ``latest`` is replaced atomically; a run killed mid-write leaves the previous checkpoint
-and pointer intact. Rotation keeps ``--keep-last`` checkpoints and never deletes the ones
-``latest`` or ``best`` point to.
+and pointer intact. A write that fails on any rank (a full disk) is noticed by every rank
+in the same save: nothing is renamed, the partial directory is removed and the run stops
+naming the checkpoint that stays usable. Resuming from a ``--save`` directory (``--load``
+or auto-resume) verifies the newest checkpoint against its ``checksums.json`` and falls
+back to the newest intact one, saying why. Rotation keeps ``--keep-last`` checkpoints and
+never deletes the ones ``latest`` or ``best`` point to.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -24,7 +30,11 @@ from typing import Optional
 
 import torch
 
+from megaspark.fileio import atomic_write_text, file_sha256
+from megaspark.training.resilience import fault
+
 STATE_FILE = "megaspark_state.pt"
+MANIFEST_FILE = "checksums.json"
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 
 
@@ -46,25 +56,6 @@ def prestart_checkpoint_writer() -> None:
         filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
 
 
-def _die_like_a_killed_job() -> None:
-    """Fault injection for tests: stop dead after the shards are written but before the
-    rename, together with our helper processes (as a scheduler kills a job's tree)."""
-    import multiprocessing as mp
-
-    for child in mp.active_children():
-        child.kill()
-    os._exit(17)
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _barrier():
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -79,6 +70,123 @@ def resolve_checkpoint(path: str) -> str:
         path = os.path.join(path, name)
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
         raise CheckpointError(f"--load {path}: no complete megaspark checkpoint found there")
+    return path
+
+
+def _checkpoint_files(path: str) -> list:
+    out = []
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            rel = os.path.relpath(os.path.join(dirpath, f), path)
+            if rel != MANIFEST_FILE:
+                out.append(rel)
+    return sorted(out)
+
+
+def write_manifest(path: str) -> None:
+    """``checksums.json``: the size and sha256 of every file of the checkpoint at ``path``."""
+    files = {rel: {"bytes": os.path.getsize(os.path.join(path, rel)),
+                   "sha256": file_sha256(os.path.join(path, rel))} for rel in _checkpoint_files(path)}
+    atomic_write_text(os.path.join(path, MANIFEST_FILE), json.dumps({"files": files}, indent=1))
+
+
+def verify_checkpoint(path: str, checksums: bool = True) -> Optional[str]:
+    """What is wrong with the checkpoint at ``path`` (None when intact): its state file or
+    manifest missing, a file of the manifest missing, of another size or (``checksums``)
+    another sha256. A checkpoint written before manifests existed is checked for its state
+    file only."""
+    if not os.path.isfile(os.path.join(path, STATE_FILE)):
+        return f"no {STATE_FILE} (incomplete)"
+    manifest = os.path.join(path, MANIFEST_FILE)
+    if not os.path.isfile(manifest):
+        return f"no {MANIFEST_FILE} (incomplete)" if _has_manifest_flag(path) else None
+    try:
+        with open(manifest) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"{MANIFEST_FILE} unreadable ({e})"
+    for rel, rec in files.items():
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            return f"file {rel} missing"
+        size = os.path.getsize(full)
+        if size != rec["bytes"]:
+            return f"file {rel} has {size} bytes, {rec['bytes']} were written (truncated or changed)"
+        if checksums and file_sha256(full) != rec["sha256"]:
+            return f"file {rel} fails its sha256 checksum (corrupted)"
+    return None
+
+
+def _has_manifest_flag(path: str) -> bool:
+    """Was this checkpoint written with a manifest? (False: before manifests existed)"""
+    try:
+        state = torch.load(os.path.join(path, STATE_FILE), weights_only=False, map_location="cpu")
+    except Exception:  # noqa: BLE001 - an unreadable state file: the manifest would say more
+        return True
+    return bool(state.get("has_manifest", False))
+
+
+def checkpoint_names(root: str) -> list:
+    """Complete checkpoint directories (``iter_N``, not ``iter_N.tmp``) under a --save
+    directory, newest first."""
+    if not os.path.isdir(root):
+        return []
+    return sorted((n for n in os.listdir(root) if _ITER_RE.match(n)), reverse=True)
+
+
+def find_resumable(root: str, checksums: bool = True) -> tuple:
+    """``(path of the newest intact checkpoint under root or None, [problems of newer
+    ones])``. A ``root`` that is itself a checkpoint directory must be intact."""
+    if os.path.isfile(os.path.join(root, STATE_FILE)) or _ITER_RE.match(os.path.basename(os.path.normpath(root))):
+        problem = verify_checkpoint(root, checksums)
+        if problem:
+            raise CheckpointError(f"--load {root}: {problem}; use its --save directory to fall "
+                                  "back to an earlier checkpoint")
+        return root, []
+    problems = []
+    for name in checkpoint_names(root):
+        path = os.path.join(root, name)
+        problem = verify_checkpoint(path, checksums)
+        if problem is None:
+            return path, problems
+        problems.append(f"{path}: {problem}")
+    return None, problems
+
+
+def choose_resume(args) -> Optional[str]:
+    """The checkpoint this run resumes from, decided on rank 0 and shared with every rank:
+    ``--load`` (a checkpoint, or a --save directory: its newest intact checkpoint), else,
+    unless ``--no-auto-resume``, the newest intact checkpoint in ``--save``. Corrupt or
+    incomplete newer checkpoints are reported; a ``--load`` with nothing intact is an
+    error."""
+    source = args.load or (args.save if getattr(args, "auto_resume", True) else None)
+    if source is None:
+        return None
+    result = [None, [], None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            path, problems = find_resumable(source)
+            result = [path, problems, None]
+        except CheckpointError as e:
+            result = [None, [], str(e)]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast_object_list(result, src=0)
+    path, problems, error = result
+    if error:
+        raise CheckpointError(error)
+    rank0 = torch.distributed.get_rank() == 0
+    for p in problems:
+        if rank0:
+            print(f"megaspark: checkpoint not usable, skipped: {p}", flush=True)
+    if path is None:
+        if args.load:
+            raise CheckpointError(f"--load {args.load}: no intact megaspark checkpoint there"
+                                  + (f" ({len(problems)} damaged)" if problems else ""))
+        return None
+    if rank0:
+        how = "--load" if args.load else "auto-resume (--no-auto-resume starts afresh)"
+        print(f"megaspark: {how}: resuming from {path}"
+              + (" (the newest intact checkpoint)" if problems else ""), flush=True)
     return path
 
 
@@ -176,40 +284,74 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         _barrier()
-        dist_checkpointing.save(self._sharded(trainer, is_loading=False), tmp)
-        torch.save({"cpu": torch.get_rng_state()}, os.path.join(tmp, f"rng_rank{rank}.pt"))
+        error = None
+        try:
+            fault("save-begin", it)
+            dist_checkpointing.save(self._sharded(trainer, is_loading=False), tmp)
+            fault("save-shards", it)
+            torch.save({"cpu": torch.get_rng_state()}, os.path.join(tmp, f"rng_rank{rank}.pt"))
+            if rank == 0:
+                torch.save(self._state(trainer), os.path.join(tmp, STATE_FILE))
+            fault("save-state", it)
+        except Exception as e:  # noqa: BLE001 - every rank learns of it below, then all raise
+            error = f"{type(e).__name__}: {e}"
+        self._raise_if_failed(error, name, tmp)
         if rank == 0:
-            torch.save(
-                {
-                    "iteration": it,
-                    "consumed_samples": trainer.state.consumed_samples,
-                    "best_eval_tau": trainer.state.best_eval_tau,
-                    "history": list(trainer.state.history),
-                    "scheduler": trainer.scheduler.state_dict(),
-                    "args": vars(self.args),
-                    "dspark_config": self.dcfg.to_dict(),
-                    "target_fingerprint": self.target_fingerprint,
-                    "parallel_layout": {
-                        "tp": self.args.tensor_model_parallel_size,
-                        "pp": self.args.pipeline_model_parallel_size,
-                        "dp": self.args.data_parallel_size,
-                    },
-                },
-                os.path.join(tmp, STATE_FILE),
-            )
-        _barrier()
-        if os.environ.get("MEGASPARK_FAULT_KILL_DURING_SAVE") == str(it):
-            _die_like_a_killed_job()
+            try:
+                write_manifest(tmp)
+                fault("save-manifest", it)
+            except Exception as e:  # noqa: BLE001
+                error = f"{type(e).__name__}: {e}"
+        self._raise_if_failed(error, name, tmp)
+        fault("save-rename", it)
         if rank == 0:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            _atomic_write_text(os.path.join(root, "latest"), name)
+            atomic_write_text(os.path.join(root, "latest"), name)
             if self._best_pending == it:
-                _atomic_write_text(os.path.join(root, "best"), name)
+                atomic_write_text(os.path.join(root, "best"), name)
             self._rotate(root)
             print(f"saved checkpoint {final}", flush=True)
         _barrier()
         return final
+
+    def _state(self, trainer) -> dict:
+        return {
+            "iteration": trainer.state.iteration,
+            "consumed_samples": trainer.state.consumed_samples,
+            "best_eval_tau": trainer.state.best_eval_tau,
+            "history": list(trainer.state.history),
+            "skipped_nonfinite": trainer.state.skipped_nonfinite,
+            "scheduler": trainer.scheduler.state_dict(),
+            "args": vars(self.args),
+            "dspark_config": self.dcfg.to_dict(),
+            "target_fingerprint": self.target_fingerprint,
+            "has_manifest": True,
+            "parallel_layout": {
+                "tp": self.args.tensor_model_parallel_size,
+                "pp": self.args.pipeline_model_parallel_size,
+                "dp": self.args.data_parallel_size,
+            },
+        }
+
+    def _raise_if_failed(self, error: Optional[str], name: str, tmp: str) -> None:
+        """Every rank calls this at the same point of a save: if the write failed anywhere,
+        the partial directory goes and every rank raises the same error."""
+        errors = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(errors, error)
+        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        if not failed:
+            return
+        if torch.distributed.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        pointer = os.path.join(self.args.save, "latest")
+        previous = open(pointer).read().strip() if os.path.isfile(pointer) else None
+        kept = (f"{os.path.join(self.args.save, previous)} ('latest') is intact and a restart resumes from it"
+                if previous else "no earlier checkpoint exists; a restart begins afresh")
+        r, e = failed[0]
+        raise CheckpointError(f"saving checkpoint {name} failed on rank {r} ({e}); nothing was "
+                              f"renamed or deleted: {kept}")
 
     def _rotate(self, root: str) -> None:
         protected = set()
@@ -274,6 +416,7 @@ class Checkpointer:
         trainer.state.consumed_samples = state["consumed_samples"]
         trainer.state.best_eval_tau = state["best_eval_tau"]
         trainer.state.history = list(state["history"])
+        trainer.state.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
         rng_file = os.path.join(ckpt, f"rng_rank{torch.distributed.get_rank()}.pt")
         if os.path.isfile(rng_file):
             torch.set_rng_state(torch.load(rng_file, weights_only=False)["cpu"])

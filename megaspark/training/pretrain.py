@@ -160,7 +160,7 @@ def pretrain(model_provider, forward_step, argv=None):
     from megaspark.parallel import initialize_distributed
     from megaspark.targets.hf import load_config_offline
     from megaspark.targets.builtin import default_mask_token_id, resolve_target
-    from megaspark.training.checkpointing import Checkpointer, prestart_checkpoint_writer, read_state
+    from megaspark.training.checkpointing import Checkpointer, choose_resume, prestart_checkpoint_writer, read_state
     from megaspark.training.trainer import Trainer, wrap_ddp
 
     args = parse_args(argv)
@@ -181,6 +181,7 @@ def pretrain(model_provider, forward_step, argv=None):
         backend=args.distributed_backend,
         seed=args.seed,
         device=args.device,
+        timeout_minutes=args.distributed_timeout_minutes,
     )
     torch.manual_seed(args.seed)
     if hf_config is None:
@@ -237,13 +238,16 @@ def pretrain(model_provider, forward_step, argv=None):
     if has_split(args.data_path, "valid"):
         valid_data = PreparedDataset(args.data_path, "valid", vocab_size=dcfg.vocab_size)
     checkpointer = Checkpointer(args, dcfg, target_info.fingerprint())
-    if args.load:
-        checkpointer.check_compatible(read_state(args.load))
+    resume = choose_resume(args)
+    if resume:
+        checkpointer.check_compatible(read_state(resume))
+        if args.load_hf_draft:  # a requeued run that began from an HF draft goes on from --save
+            _log0(f"megaspark: {args.load_hf_draft} is not loaded: the run resumes from {resume}")
 
     chunks, tcfg = build_model_chunks(args, dcfg, model_provider)
     for chunk in chunks:
         chunk.load_target_embedding_shards(target_info)
-    if args.load_hf_draft:
+    if args.load_hf_draft and not resume:
         # before DDP/optimizer: they copy the parameters
         from megaspark.export.hf import load_hf_draft_weights
 
@@ -252,8 +256,8 @@ def pretrain(model_provider, forward_step, argv=None):
     ddp_chunks = wrap_ddp(chunks, tcfg, args)
     trainer = Trainer(args, chunks, ddp_chunks, tcfg, dcfg, target, train_data, valid_data,
                       forward_step, pad_id=train_data.pad_id)
-    if args.load:
-        checkpointer.load(trainer, args.load)
+    if resume:
+        checkpointer.load(trainer, resume)
 
     n_train = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
     _log0(
@@ -270,5 +274,6 @@ def pretrain(model_provider, forward_step, argv=None):
         f"({meta.get('target', '?')})"
     )
     state = trainer.train(checkpointer if args.save else None)
-    _log0(f"done: {state.iteration} iterations, best eval tau {state.best_eval_tau}")
+    if state.exit_reason is None:
+        _log0(f"done: {state.iteration} iterations, best eval tau {state.best_eval_tau}")
     return trainer

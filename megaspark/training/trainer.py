@@ -18,13 +18,16 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
+from megaspark import platform
 from megaspark.losses import metrics_to_host, stack_metrics
+from megaspark.training import resilience
 from megaspark.training.batches import StepInputs, build_host_blocks, collate_micro_batch
 from megaspark.training.logging import MetricsLogger
 
@@ -35,6 +38,8 @@ class TrainState:
     consumed_samples: int = 0
     best_eval_tau: Optional[float] = None
     history: list = field(default_factory=list)  # per-iteration training loss (for tests/resume)
+    skipped_nonfinite: int = 0  # steps skipped for a non-finite loss/gradient (--skip-nonfinite-steps)
+    exit_reason: Optional[str] = None  # why the loop stopped early (a signal, the time budget)
 
 
 def build_optimizer(args, ddp_chunks):
@@ -120,6 +125,8 @@ class Trainer:
         self.dp_group = parallel_state.get_data_parallel_group()
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
         self.rank = torch.distributed.get_rank()
+        self.device = platform.compute_device()
+        self.control = None  # resilience.StepControl, made when training starts
         self.logger = MetricsLogger(args, enabled=self._is_logging_rank())
 
     def _is_logging_rank(self) -> bool:
@@ -146,8 +153,10 @@ class Trainer:
         it = iter(sampler)
         out = []
         self.real_tokens = 0  # tokens of these micro-batches before padding (for tokens/s)
+        self.micro_samples = []  # dataset indices of each micro-batch (named when one fails)
         for i in range(count):
             indices = next(it)
+            self.micro_samples.append([int(j) for j in indices])
             start = consumed + i * mbs * self.dp_size + self.dp_rank * mbs
             samples = [dataset[j] for j in indices]
             self.real_tokens += sum(min(len(s["input_ids"]), self.args.seq_length) for s in samples)
@@ -174,6 +183,8 @@ class Trainer:
 
         forward_backward = get_forward_backward_func()
         iterators = [step.iterator() for _ in self.ddp_chunks]  # each chunk walks the micro-batches
+        if not forward_only and resilience.FAULT_ENV in os.environ:
+            iterators = [resilience.poisoned(i, self.state.iteration + 1) for i in iterators]
         return forward_backward(
             forward_step_func=self.forward_step,
             data_iterator=iterators[0] if len(iterators) == 1 else iterators,
@@ -186,9 +197,24 @@ class Trainer:
 
     def train_step(self):
         args = self.args
+        it = self.state.iteration + 1
+        timeout = args.distributed_timeout_minutes if hasattr(args, "distributed_timeout_minutes") else None
         micro = self._micro_batches(self.train_data, self.state.consumed_samples, args.num_microbatches)
-        reports = self.forward_backward(micro)
-        ok, grad_norm, _ = self.optimizer.step()
+        with resilience.collective_phase(f"forward/backward of iteration {it}", timeout):
+            reports = self.forward_backward(micro)
+        resilience.fault("step", it)
+        with resilience.collective_phase(f"the step decision (all-reduce) of iteration {it}", timeout):
+            per_micro = resilience.nonfinite_flags(reports)
+            bad = resilience.grads_nonfinite(self.ddp_chunks, self.device)
+            if per_micro is not None:
+                bad = bad | per_micro.any()
+            decision = self.control.decide(bad)
+        if decision.nonfinite:
+            self._nonfinite_step(it, per_micro)
+            ok, grad_norm = False, None
+        else:
+            with resilience.collective_phase(f"the optimizer step of iteration {it}", timeout):
+                ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=args.global_batch_size)
         self.state.iteration += 1
@@ -197,7 +223,43 @@ class Trainer:
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics["skipped"] = not ok
+        metrics["exit_reason"] = decision.exit_reason
         return metrics
+
+    def _nonfinite_step(self, it: int, per_micro) -> None:
+        """Every rank is here in the same step: name the samples whose loss was not finite
+        (gathered from the ranks that computed one), then skip the step within
+        --skip-nonfinite-steps, else stop without saving."""
+        flags = per_micro.tolist() if per_micro is not None else []
+        mine = [(self.rank, k, self.micro_samples[k]) for k, f in enumerate(flags) if f]
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, mine)
+        found = sorted({(r, k, tuple(s)) for g in gathered for r, k, s in g})
+        if found:
+            where = "; ".join(f"samples {list(s)} (rank {r}, micro-batch {k})" for r, k, s in found)
+            what = f"a non-finite loss in {where}"
+        else:
+            what = "a non-finite gradient (every loss was finite)"
+        allowed = getattr(self.args, "skip_nonfinite_steps", 0)
+        if self.state.skipped_nonfinite < allowed:
+            self.state.skipped_nonfinite += 1
+            print(f"megaspark: rank {self.rank}: iteration {it} skipped: {what}; the optimizer was "
+                  f"not stepped ({self.state.skipped_nonfinite} of --skip-nonfinite-steps {allowed} used)",
+                  flush=True)
+            for chunk in self.ddp_chunks:
+                chunk.zero_grad_buffer()
+            return
+        latest = None
+        if self.args.save and os.path.isfile(os.path.join(self.args.save, "latest")):
+            with open(os.path.join(self.args.save, "latest")) as f:
+                latest = os.path.join(self.args.save, f.read().strip())
+        print(f"megaspark: rank {self.rank}: stopping in iteration {it} (non-finite)", flush=True)
+        torch.distributed.barrier()  # every rank has said so before any exits
+        raise resilience.NonFiniteStepError(
+            f"iteration {it}: {what}. Stopped without saving"
+            + (f"; the last checkpoint, {latest}, is untouched" if latest else "")
+            + (f" ({allowed} skip(s) of --skip-nonfinite-steps already used)" if allowed else
+               "; --skip-nonfinite-steps N skips up to N such steps"))
 
     def forward_backward(self, micro) -> list:
         """Everything of a training step before the optimizer: the step's inputs on the
@@ -265,6 +327,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train(self, checkpointer=None):
+        self.control = resilience.StepControl(self.args, self.device)
+        try:
+            return self._train(checkpointer)
+        finally:
+            self.control.restore()
+
+    def _save(self, checkpointer) -> None:
+        timeout = getattr(self.args, "distributed_timeout_minutes", None)
+        with resilience.collective_phase(f"saving the checkpoint of iteration {self.state.iteration}", timeout):
+            checkpointer.save(self)
+
+    def _train(self, checkpointer=None):
         args = self.args
         start_iter = self.state.iteration
         t0 = time.time()
@@ -272,6 +346,7 @@ class Trainer:
         self.logger.start(total=args.train_iters, initial=start_iter)
         while self.state.iteration < args.train_iters:
             metrics = self.train_step()
+            exit_reason = metrics.pop("exit_reason", None)
             it = self.state.iteration
             self.state.history.append(metrics.get("loss", float("nan")))
             window_tokens += metrics.get("tokens", 0)  # real tokens, padding excluded
@@ -293,16 +368,28 @@ class Trainer:
                         self.state.best_eval_tau = tau
                         if checkpointer is not None:
                             checkpointer.mark_best_pending(it)
+            saved = False
             if checkpointer is not None and args.save_interval and it % args.save_interval == 0:
-                checkpointer.save(self)
+                self._save(checkpointer)
+                saved = True
+            if exit_reason is not None and it < args.train_iters:
+                if checkpointer is not None and not saved:
+                    self._save(checkpointer)
+                if self.rank == 0:
+                    print(f"megaspark: {exit_reason}: stopped at iteration {it}"
+                          + (f" after saving {os.path.join(args.save, f'iter_{it:07d}')}"
+                             if checkpointer is not None else " (no --save: nothing saved)"), flush=True)
+                self.state.exit_reason = exit_reason
+                self.logger.close()
+                return self.state
             if args.exit_interval and it % args.exit_interval == 0 and it < args.train_iters:
-                if checkpointer is not None and not (args.save_interval and it % args.save_interval == 0):
-                    checkpointer.save(self)
+                if checkpointer is not None and not saved:
+                    self._save(checkpointer)
                 self.logger.close()
                 return self.state
         if checkpointer is not None and args.save and not (
             args.save_interval and self.state.iteration % args.save_interval == 0
         ):
-            checkpointer.save(self)
+            self._save(checkpointer)
         self.logger.close()
         return self.state
