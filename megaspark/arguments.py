@@ -213,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip up to this many steps whose loss or gradient is non-finite (the "
                    "optimizer is not touched; the step and its samples are logged); one more "
                    "stops the run without saving (default 0: the first one stops it)")
+    g.add_argument("--data-verify", default="auto", choices=["auto", "checksum", "size"],
+                   help="before training, check the prepared dataset against its meta.json: "
+                   "checksum = read and sha256 every .bin (catches any changed byte), size = file "
+                   "sizes and the recorded checksums only (O(1)), auto = checksum below 4 GiB")
     g.add_argument("--distributed-timeout-minutes", type=float, default=30.0,
                    help="a collective that waits longer than this ends the job with a message "
                    "naming the rank and the operation (a rank stopped responding)")

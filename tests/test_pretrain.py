@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -180,8 +181,17 @@ def _fails(r, *needles):
         assert n in err, err[-3000:]
 
 
-def test_bad_input_is_refused_clearly(tmp_path, tiny_llama_dir, data_dir):
+def test_bad_input_is_refused_clearly(tmp_path, tiny_llama_dir, tiny_qwen3_dir, data_dir):
     flags = base_flags(tiny_llama_dir, data_dir, "--train-iters", "1")
+    # a dataset tokenized for another target; one changed after preparation (same size)
+    _fails(run(1, *base_flags(tiny_qwen3_dir, data_dir, "--train-iters", "1")),
+           "meta.json was prepared for another tokenizer", "tokenizer_vocab_size")
+    changed = tmp_path / "changed"
+    shutil.copytree(data_dir, changed)
+    blob = bytearray((changed / "train.bin").read_bytes())
+    blob[7] ^= 1
+    (changed / "train.bin").write_bytes(bytes(blob))
+    _fails(run(1, *base_flags(tiny_llama_dir, str(changed), "--train-iters", "1")), "train.bin", "sha256 mismatch")
     _fails(run(1, *flags, "--global-batch-size", "3"), "--global-batch-size")
     _fails(run(2, *flags, "--tensor-model-parallel-size", "2", "--num-query-groups", "1"),
            "--num-query-groups", "--tensor-model-parallel-size")

@@ -37,9 +37,10 @@ def trainer_line(rank):
     return (
         "env MEGASPARK_SGLANG_URL=http://127.0.0.1:30000 torchrun --nnodes 2 "
         f"--node-rank {rank} --nproc-per-node 8 --rdzv-backend static "
-        "--rdzv-endpoint node01:29500 --rdzv-id 4242 pretrain_dspark.py "
+        "--rdzv-endpoint node01:29500 --rdzv-id 4242 "
+        "--signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout 600 pretrain_dspark.py "
         "--target-backend sglang-server --target-model /models/Qwen3-8B --target-layer-ids 1 9 17 25 33 "
-        "--data-path /data/qwen3 --bf16 --save '/ckpt/with space'"
+        "--exit-signal-handler --data-path /data/qwen3 --bf16 --save '/ckpt/with space'"
     )
 
 
@@ -248,3 +249,41 @@ def test_qwen3_8b_recipe_flags_exist_and_match_the_reference(tmp_path):
     assert a.global_batch_size == 512 and a.micro_batch_size == 1 and a.seq_length == 4096
     assert a.clip_grad == 1.0 and a.bf16 and a.seed == 42
     assert a.train_iters == 1954  # ceil(10 epochs x 100,000 / 512)
+
+
+def test_time_limit_signal_saves_then_requeues(tmp_path):
+    """#SBATCH --signal=B:USR1@300: the batch script passes SIGUSR1 to the job's steps
+    (scancel --signal=USR1 JOB), waits for srun to end (the ranks save and exit 0) and
+    requeues the job; fake srun/scancel/scontrol record what they were asked."""
+    import signal
+    import time
+
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    (bin_ / "srun").write_text(
+        f'#!/usr/bin/env bash\necho "$@" > {rec}/srun.args\necho $$ > {rec}/srun.pid\n'
+        f'trap \'echo USR1 >> {rec}/srun.sig; exit 0\' USR1\nwhile true; do sleep 0.1; done\n')
+    (bin_ / "scancel").write_text(
+        f'#!/usr/bin/env bash\necho "$@" >> {rec}/scancel.args\nkill -USR1 "$(cat {rec}/srun.pid)"\n')
+    (bin_ / "scontrol").write_text(
+        f'#!/usr/bin/env bash\nif [ "$1" = show ]; then echo "$3" | tr , "\\n"; else echo "$@" >> {rec}/scontrol.args; fi\n')
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    env = slurm_env(PATH=f"{bin_}:{os.environ['PATH']}", SCONTROL=str(bin_ / "scontrol"),
+                    SCANCEL=str(bin_ / "scancel"))
+    proc = subprocess.Popen(["bash", str(LAUNCH), "--", *TRAIN_ARGS], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 30
+    while not (rec / "srun.pid").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert (rec / "srun.pid").exists(), proc.communicate(timeout=5)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "time limit near" in err
+    assert (rec / "scancel.args").read_text().split() == ["--signal=USR1", "4242"]
+    assert (rec / "srun.sig").read_text().strip() == "USR1"  # the step got it
+    assert (rec / "scontrol.args").read_text().split() == ["requeue", "4242"]  # after srun ended
+    assert "trap \"\" USR1" in (rec / "srun.args").read_text()  # node shells ignore it

@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -290,10 +291,14 @@ class Suite:
         save, log = self.work / "hang", self.work / "hang.jsonl"
         rc, out, err, secs = self.launch(self.flags(save, log, "--distributed-timeout-minutes", str(minutes)),
                                          env={"MEGASPARK_FAULT": f"hang:step:{it}:{rank}"})
-        ok = rc != 0 and "timed out after --distributed-timeout-minutes" in err and f"iteration {it}" in err
+        ended = time.time()
+        hung = re.search(r"injected hang at step of iteration \d+ \(t=([0-9.]+)\)", out)
+        delay = ended - float(hung.group(1)) if hung else float("inf")
+        ok = (rc != 0 and "timed out after --distributed-timeout-minutes" in err and f"iteration {it}" in err
+              and delay <= 60 * minutes + 30)  # + the launcher's shutdown of the hung rank
         msg = next((l.split("error: ", 1)[1] for l in err.splitlines() if "timed out" in l and "error: " in l), "?")
         self.row("hang", f"rank {rank} stops responding at iteration {it}",
-                 f"reported within {minutes:g} min", f"exit {rc} after {secs:.0f}s: {msg[:80]}", ok)
+                 f"reported within {minutes:g} min", f"exit {rc}, {delay:.0f}s after the hang: {msg[:70]}", ok)
 
     # ------------------------------------------------------------------ report
     def table(self) -> str:

@@ -34,7 +34,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -49,6 +48,7 @@ if str(_REPO) not in sys.path:  # allow `python tools/prepare_data.py` from a ch
     sys.path.insert(0, str(_REPO))
 
 from megaspark.data.chat import DataError, normalize_conversation, render_and_mask  # noqa: E402
+from megaspark.data.dataset import chat_template_sha256, tokenizer_sha256  # noqa: E402
 
 DEFAULT_TARGET = "builtin:smollm2-135m"
 DEFAULT_DATASET_OUTPUT = "data/smollm2-default"
@@ -694,9 +694,6 @@ def main(argv=None) -> int:
     splits = {"train": [s for i, s in enumerate(samples) if i not in valid_idx],
               "valid": [s for i, s in enumerate(samples) if i in valid_idx]}
 
-    template = tokenizer.chat_template
-    if isinstance(template, dict):
-        template = json.dumps(template, sort_keys=True)
     import logging
 
     builtin_log = logging.getLogger("megaspark.targets.builtin")
@@ -719,7 +716,8 @@ def main(argv=None) -> int:
         "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.bos_token_id,
         "suggested_mask_token_id": mask_token_id,
-        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+        "chat_template_sha256": chat_template_sha256(tokenizer),
+        "tokenizer_sha256": tokenizer_sha256(tokenizer),
         "template_kwargs": args.template_kwargs,
         "max_length": args.max_length,
         "counts": {"train": len(splits["train"]), "valid": len(splits["valid"]),

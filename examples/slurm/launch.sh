@@ -20,6 +20,14 @@
 #SBATCH --exclusive
 #SBATCH --time=48:00:00
 #SBATCH --output=%x-%j.out
+# Preemptible and time-limited runs (docs/reliability.md): 300 s before the time limit
+# Slurm sends SIGUSR1 to this script; it asks the trainer ranks to save (scancel --signal)
+# and requeues the job once they have exited. The requeued job resumes from --save by
+# itself (auto-resume). Preemption (PreemptMode=REQUEUE) sends SIGTERM, which torchrun
+# forwards to the ranks as well; give it a GraceTime longer than one step plus one save.
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
 set -euo pipefail
 
 DRY_RUN="${DRY_RUN:-0}"
@@ -66,10 +74,33 @@ if [ -n "${CONTAINER_IMAGE:-}" ]; then
   )
 fi
 
+# Time limit: SIGUSR1 (#SBATCH --signal=B:USR1@...) reaches this script only; pass it to
+# the job's steps (the trainer ranks save and exit 0) and requeue once they are done.
+REQUEUE=0
+# shellcheck disable=SC2317  # invoked by the trap below
+on_time_limit() {
+  echo "launch.sh: time limit near: asking the trainer to save, then requeueing job ${SLURM_JOB_ID:-?}" >&2
+  REQUEUE=1
+  "${SCANCEL:-scancel}" --signal=USR1 "${SLURM_JOB_ID}" || true
+}
+trap on_time_limit USR1
+
 # One task per node; each renders and runs its own program (engine, wait, trainer).
 # SLURM_NODEID is set by srun inside each task.
 export HOSTLIST RENDER MEGASPARK_DIR
 # shellcheck disable=SC2016  # expanded by the bash of each task, not here
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 "${CONTAINER_ARGS[@]}" \
-  bash -c 'cd "$MEGASPARK_DIR" && python3 "$RENDER" --hosts "$HOSTLIST" --node-rank "$SLURM_NODEID" --script -- "$@" | bash' \
-  launch-node "${TRAIN_ARGS[@]}"
+  bash -c 'trap "" USR1; cd "$MEGASPARK_DIR" && python3 "$RENDER" --hosts "$HOSTLIST" --node-rank "$SLURM_NODEID" --script -- "$@" | bash' \
+  launch-node "${TRAIN_ARGS[@]}" &
+SRUN_PID=$!
+status=0
+while true; do
+  # a trapped signal interrupts wait; wait again until srun has really exited
+  wait "$SRUN_PID" && status=0 || status=$?
+  kill -0 "$SRUN_PID" 2> /dev/null || break
+done
+if [ "$REQUEUE" = "1" ]; then
+  "${SCONTROL:-scontrol}" requeue "${SLURM_JOB_ID}"
+  exit 0
+fi
+exit "$status"

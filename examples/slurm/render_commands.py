@@ -32,7 +32,11 @@ Usage::
 Settings come from the environment (see examples/slurm/README.md): TARGET_MODEL,
 TARGET_LAYER_IDS, TARGET_NUM_LAYERS, GPUS_PER_NODE, MASTER_PORT, SGLANG_PORT, SGLANG_GPUS,
 SGLANG_TP_SIZE, SGLANG_DP_SIZE, SGLANG_MEM_FRACTION, SEQ_LENGTH, SEED, LAST_HIDDEN,
-LOG_DIR, PYTHON, SLURM_JOB_ID, SLURM_GPUS_ON_NODE, SLURM_GPUS_PER_NODE.
+LOG_DIR, PYTHON, SHUTDOWN_TIMEOUT, SLURM_JOB_ID, SLURM_GPUS_ON_NODE, SLURM_GPUS_PER_NODE.
+
+The trainer always gets ``--exit-signal-handler`` and torchrun forwards SIGUSR1/SIGTERM to
+it (``--signals-to-handle``, ``--shutdown-timeout SHUTDOWN_TIMEOUT``, default 600 s): see
+docs/reliability.md.
 """
 from __future__ import annotations
 
@@ -146,14 +150,20 @@ def node_plan(hosts, node_rank: int, train_args, env) -> dict:
     trainer_env = [f"MEGASPARK_SGLANG_URL={url}"]
     if not shared:
         trainer_env.append("CUDA_VISIBLE_DEVICES=" + ",".join(str(g) for g in trainer_gpus))
+    # Preemption (docs/reliability.md): torchrun forwards SIGUSR1 (launch.sh's time-limit
+    # signal) as well as SIGTERM (preemption) to its ranks, which save and exit 0; it waits
+    # SHUTDOWN_TIMEOUT seconds for that save before killing them.
     trainer = ["env", *trainer_env, "torchrun",
                "--nnodes", str(nnodes), "--node-rank", str(node_rank),
                "--nproc-per-node", str(len(trainer_gpus)),
                "--rdzv-backend", "static", "--rdzv-endpoint", f"{hosts[0]}:{master_port}",
                "--rdzv-id", env.get("SLURM_JOB_ID", "megaspark"),
+               "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+               "--shutdown-timeout", env.get("SHUTDOWN_TIMEOUT", "600"),
                "pretrain_dspark.py",
                "--target-backend", "sglang-server", "--target-model", model,
                "--target-layer-ids", *[str(k) for k in taps],
+               *([] if "--exit-signal-handler" in train_args else ["--exit-signal-handler"]),
                *train_args]
     return {
         "node_rank": node_rank, "host": hosts[node_rank], "nnodes": nnodes, "gpus_per_node": G,
@@ -175,6 +185,9 @@ def node_script(plan: dict, log_dir: str, wait_seconds: int = 1800) -> str:
     log = f"{log_dir}/sglang-node{r}.log"
     return "\n".join([
         "set -euo pipefail",
+        "# SIGUSR1 (the time-limit signal) is for the trainer: this shell and the engine ignore",
+        "# it (torchrun and the trainer ranks install their own handlers)",
+        "trap '' USR1",
         f"mkdir -p {shlex.quote(log_dir)}",
         f"{q(plan['engine'])} > {shlex.quote(log)} 2>&1 &",
         "ENGINE_PID=$!",

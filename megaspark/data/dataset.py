@@ -43,6 +43,70 @@ def load_meta(data_dir) -> dict:
     return json.loads(path.read_text())
 
 
+def chat_template_sha256(tokenizer) -> str:
+    import hashlib
+
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        template = json.dumps(template, sort_keys=True)
+    return hashlib.sha256((template or "").encode()).hexdigest()
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """A fingerprint of the vocabulary (every token string and its id) and special ids."""
+    import hashlib
+
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    special = [tokenizer.bos_token_id, tokenizer.eos_token_id]
+    return hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()
+
+
+def check_matches_target(data_dir, meta: dict, tokenizer, hf_config) -> None:
+    """Refuse a prepared dataset tokenized for another target, before training: its
+    ``meta.json`` must record this target's vocabulary (fingerprint, when recorded), sizes,
+    special ids and chat template."""
+    where = Path(data_dir) / META_FILE
+    expected = {"model_vocab_size": int(hf_config.vocab_size), "tokenizer_vocab_size": len(tokenizer),
+                "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
+                "chat_template_sha256": chat_template_sha256(tokenizer)}
+    if "tokenizer_sha256" in meta:
+        expected["tokenizer_sha256"] = tokenizer_sha256(tokenizer)
+    diff = [f"{k}: {meta[k]!r} there, {v!r} for this target" for k, v in expected.items()
+            if k in meta and meta[k] != v]
+    if diff:
+        raise DataError(f"{where} was prepared for another tokenizer than the target's "
+                        f"(prepared for {meta.get('target', '?')}): {'; '.join(diff)}. Re-run "
+                        "tools/prepare_data.py with this --target-model")
+
+
+#: ``--data-verify auto`` reads and checksums the data only below this size
+AUTO_VERIFY_BYTES = 4 << 30
+
+
+def verify_prepared(data_dir, meta: dict, mode: str = "auto") -> str:
+    """Check that the indexed files are the ones ``meta.json`` records: every split's
+    ``.bin`` header must carry the sha256 that ``meta.json`` recorded (O(1); catches a
+    swapped ``.bin``/``.idx`` pair); with ``mode`` ``checksum`` (or ``auto`` below
+    :data:`AUTO_VERIFY_BYTES`) the ``.bin`` is also read and checksummed (catches a changed
+    byte). Sizes are always checked when a split is opened. Returns what was done."""
+    splits = (meta.get("storage") or {}).get("splits") or {}
+    present = [s for s in SPLITS if indexed.has_indexed(data_dir, s) and s in splits]
+    total = sum(int(splits[s].get("bin_bytes") or 0) for s in present)
+    full = mode == "checksum" or (mode == "auto" and total < AUTO_VERIFY_BYTES)
+    for split in present:
+        header = indexed.IndexedSplit(data_dir, split).header
+        want = splits[split].get("bin_sha256")
+        if want and header.get("bin_sha256") != want:
+            raise DataError(f"{indexed.bin_path(data_dir, split)} is not the file {Path(data_dir) / META_FILE} "
+                            f"records (sha256 {str(header.get('bin_sha256'))[:12]}… vs {want[:12]}…): the "
+                            "dataset was changed after preparation; re-run tools/prepare_data.py")
+        if full:
+            indexed.verify_split(data_dir, split)
+    if not present:
+        return "no indexed splits (jsonl: sizes checked)"
+    return f"{'sha256 of' if full else 'sizes and recorded sha256 of'} {total / 2**20:.1f} MiB checked"
+
+
 class PreparedDataset(torch.utils.data.Dataset):
     """One split of a prepared dataset.
 

@@ -156,7 +156,8 @@ def build_model_chunks(args, dcfg, model_provider):
 
 
 def pretrain(model_provider, forward_step, argv=None):
-    from megaspark.data.dataset import PreparedDataset, has_split, load_meta
+    from megaspark.data.chat import DataError
+    from megaspark.data.dataset import PreparedDataset, check_matches_target, has_split, load_meta, verify_prepared
     from megaspark.parallel import initialize_distributed
     from megaspark.targets.hf import load_config_offline
     from megaspark.targets.builtin import default_mask_token_id, resolve_target
@@ -233,6 +234,17 @@ def pretrain(model_provider, forward_step, argv=None):
     dcfg.validate(args.tensor_model_parallel_size)
 
     meta = load_meta(args.data_path)
+    check_matches_target(args.data_path, meta, target_info.tokenizer, hf_config)
+    verified = [None, None]
+    if torch.distributed.get_rank() == 0:  # one reader; every rank learns the verdict
+        try:
+            verified = [verify_prepared(args.data_path, meta, args.data_verify), None]
+        except DataError as e:
+            verified = [None, str(e)]
+    torch.distributed.broadcast_object_list(verified, src=0)
+    if verified[1] is not None:
+        raise DataError(verified[1])
+    _log0(f"megaspark: dataset {args.data_path}: {verified[0]}")
     train_data = PreparedDataset(args.data_path, "train", vocab_size=dcfg.vocab_size)
     valid_data = None
     if has_split(args.data_path, "valid"):

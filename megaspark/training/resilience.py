@@ -160,7 +160,8 @@ def fault(point: str, iteration: int) -> None:
         if action == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"(injected at {point})")
         if action == "hang":
-            print(f"rank {_rank()}: injected hang at {point} of iteration {iteration}", flush=True)
+            print(f"rank {_rank()}: injected hang at {point} of iteration {iteration} "
+                  f"(t={time.time():.3f})", flush=True)
             while True:
                 time.sleep(3600)
 
