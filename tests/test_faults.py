@@ -18,21 +18,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_pretrain import data_dir  # noqa: F401  (module fixture: the tiny prepared dataset)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory, tiny_llama_dir):
-    from tests.test_pretrain import _chat_file
-
+def suite(tmp_path_factory, tiny_llama_dir, data_dir):
     root = tmp_path_factory.mktemp("faults")
-    data = root / "data"
-    subprocess.run(
-        [sys.executable, str(REPO / "tools/prepare_data.py"), "--input", str(_chat_file(root / "c.jsonl")),
-         "--target-model", tiny_llama_dir, "--output", str(data), "--max-length", "64",
-         "--valid-fraction", "0.15", "--min-supervised-tokens", "4", "--quiet"],
-        check=True, capture_output=True, text=True,
-    )
+    data = data_dir
     out = root / "rows.json"
     r = subprocess.run([sys.executable, str(REPO / "tools/fault_suite.py"), "--target-model", tiny_llama_dir,
                         "--data-path", str(data), "--workdir", str(root / "work"), "--json", str(out)],
