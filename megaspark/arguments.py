@@ -204,8 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "or preemption) finish the current step, save a checkpoint on every rank and "
                    "exit 0; a signal reaching any one rank is enough")
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
-                   help="save and exit once the run has trained this many minutes (checked "
-                   "after every step, the same decision on every rank)")
+                   help="save and exit once this many minutes have passed since the job started "
+                   "(start-up included; checked after every step, the same decision on every rank)")
     g.add_argument("--no-auto-resume", dest="auto_resume", action="store_false",
                    help="start from scratch even when --save holds a checkpoint (by default a run "
                    "without --load resumes from the newest intact checkpoint in --save)")

@@ -9,6 +9,7 @@ at the first point, restarted, interrupted at the second, ...):
 
 * ``sigterm``   SIGTERM to one random rank at a random step (``--exit-signal-handler``):
                 every rank finishes the step, saves, exits 0;
+* ``budget``    ``--exit-duration-in-mins`` spent: save after the step, exit 0 (one point);
 * ``sigkill``   SIGKILL of one random rank at a random step or inside a checkpoint save
                 (after the shards, the state file, the manifest, before the rename);
 * ``enospc``    "No space left on device" raised on one rank while a checkpoint is
@@ -46,7 +47,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from megaspark.training.checkpointing import verify_checkpoint  # noqa: E402
-ALL_CASES = ("sigterm", "sigkill", "enospc", "truncate", "nan", "hang")
+ALL_CASES = ("sigterm", "budget", "sigkill", "enospc", "truncate", "nan", "hang")
 KILL_POINTS = ("step", "save-shards", "save-state", "save-manifest", "save-rename")
 
 
@@ -199,6 +200,16 @@ class Suite:
             self.row("sigterm", f"step {step}, rank {rank}", "saves, exit 0", f"exit {rc}, latest {latest}", ok)
         self.finish("sigterm", save, log)
 
+    def case_budget(self) -> None:
+        save, log = self.work / "budget", self.work / "budget.jsonl"
+        rc, out, err, _ = self.launch(self.flags(save, log, "--exit-signal-handler",
+                                                 "--exit-duration-in-mins", "0.001"))
+        latest = (save / "latest").read_text() if (save / "latest").exists() else "-"
+        ok = rc == 0 and "--exit-duration-in-mins 0.001 reached: stopped at iteration 1" in out
+        self.row("budget", "--exit-duration-in-mins 0.001 (spent at start-up)", "saves after the first step, exit 0",
+                 f"exit {rc}, latest {latest}", ok)
+        self.finish("budget", save, log)
+
     def case_sigkill(self) -> None:
         save, log = self.work / "sigkill", self.work / "sigkill.jsonl"
         points = sorted(self.rng.sample(range(2, self.iters), self.args.points))
@@ -331,7 +342,7 @@ def main(argv=None) -> int:
     os.makedirs(args.workdir)
     suite = Suite(args)
     print(f"fault suite: seed {args.seed}, {args.nproc} ranks, {args.train_iters} iterations, cases {cases}", flush=True)
-    if set(cases) & {"sigterm", "sigkill", "enospc", "truncate"}:
+    if set(cases) & {"sigterm", "budget", "sigkill", "enospc", "truncate"}:
         suite.run_baseline()
     for c in cases:
         getattr(suite, f"case_{c}")()

@@ -164,7 +164,11 @@ def pretrain(model_provider, forward_step, argv=None):
     from megaspark.training.checkpointing import Checkpointer, choose_resume, prestart_checkpoint_writer, read_state
     from megaspark.training.trainer import Trainer, wrap_ddp
 
+    import time
+
+    started = time.time()
     args = parse_args(argv)
+    args.start_time = started  # --exit-duration-in-mins counts from here
 
     # --- cheap checks that need only the target's config.json, before any weights ---
     target_path = resolve_target(args.target_model) if not args.target_model.startswith("builtin:") else None

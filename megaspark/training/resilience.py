@@ -45,7 +45,9 @@ class StepControl:
         self.device = device
         self.received: Optional[int] = None
         self.exit_minutes = getattr(args, "exit_duration_in_mins", None)
-        self.started = time.time()
+        # the budget counts from the start of the job's process (start-up included), as a
+        # scheduler's time limit does
+        self.started = getattr(args, "start_time", None) or time.time()
         self._previous = {}
         if getattr(args, "exit_signal_handler", False):
             for sig in EXIT_SIGNALS:
