@@ -129,6 +129,7 @@ def test_step_control_signal_and_budget():
 
     args = SimpleNamespace(exit_signal_handler=True, exit_duration_in_mins=None)
     control = StepControl(args, torch.device("cpu"))
+    control.install()
     try:
         assert control.decide(torch.tensor(False)).exit_reason is None
         os.kill(os.getpid(), signal.SIGUSR1)  # handled: the process goes on

@@ -48,8 +48,12 @@ class StepControl:
         # the budget counts from the start of the job's process (start-up included), as a
         # scheduler's time limit does
         self.started = getattr(args, "start_time", None) or time.time()
+        self._wanted = bool(getattr(args, "exit_signal_handler", False))
         self._previous = {}
-        if getattr(args, "exit_signal_handler", False):
+
+    def install(self) -> None:
+        """With ``--exit-signal-handler``: catch the exit signals (until :meth:`restore`)."""
+        if self._wanted and not self._previous:
             for sig in EXIT_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
 

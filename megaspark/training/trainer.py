@@ -126,7 +126,7 @@ class Trainer:
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
         self.rank = torch.distributed.get_rank()
         self.device = platform.compute_device()
-        self.control = None  # resilience.StepControl, made when training starts
+        self.control = resilience.StepControl(args, self.device)  # signal handlers: train()
         self.logger = MetricsLogger(args, enabled=self._is_logging_rank())
 
     def _is_logging_rank(self) -> bool:
@@ -327,7 +327,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train(self, checkpointer=None):
-        self.control = resilience.StepControl(self.args, self.device)
+        self.control.install()
         try:
             return self._train(checkpointer)
         finally:
