@@ -410,6 +410,13 @@ class IndexedSplit:
         if first != 0 or last != T:
             bad(self.idx_path, f"offsets run from {first} to {last}, expected 0 to {T} (corrupted)")
 
+    def arrays(self):
+        """``(tokens, loss mask)`` of the whole split, concatenated in sample order, as
+        read-only memory-mapped arrays (``mmap=True`` only; None for an empty split)."""
+        if not self.use_mmap:
+            raise ValueError("IndexedSplit.arrays() needs mmap=True")
+        return self._tokens, self._mask
+
     def _pread(self, fd: int, path: Path, nbytes: int, offset: int) -> bytes:
         b = os.pread(fd, nbytes, offset)
         if len(b) != nbytes:
