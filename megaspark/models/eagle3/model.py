@@ -1,0 +1,321 @@
+"""The Eagle3 draft on megatron-core tensor-parallel layers (issue 16; the training loop,
+export and inference are not wired to it yet, see docs/STATUS.md).
+
+One decoder layer whose attention reads ``[RMSNorm(embed(x)); RMSNorm(g)]`` (width 2H),
+unrolled for ``ttt_steps`` test-time-training steps: step 0 takes ``g = fc(aux)`` (three
+tapped target layers concatenated), step t > 0 the layer's own output of step t − 1 at the
+same position. The query of step t at position p attends to step 0's keys at positions
+≤ p and to each later step's key at p only (:func:`ttt_attention`, the cache formulation;
+``tests/eagle3_reference.py`` states the same attention over explicitly concatenated
+steps). The LM head predicts a **draft vocabulary** of N target tokens (``draft_to_target``),
+vocab-parallel over TP; the soft labels are the target's distribution over the same N
+tokens, computed from the target's last hidden state and the rows of its frozen LM head at
+the draft ids, never gathered: :meth:`Eagle3Draft.loss_sums` is a vocab-parallel soft
+cross-entropy.
+
+Tensor parallelism as in Megatron: q/k/v, gate/up and both heads column-parallel (heads,
+FFN and vocabularies split over TP), ``o_proj`` / ``down`` / ``fc`` row-parallel.
+Activations are sequence-first ``[S, b, ·]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+
+from megaspark.models.dspark.layer import RMSNorm
+from megaspark.models.dspark.model import seeded_init
+from megaspark.models.dspark.rope import apply_rope, rope_cos_sin
+
+
+@dataclass
+class Eagle3Config:
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    ffn_hidden_size: int
+    vocab_size: int  # the target's
+    draft_vocab_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    ttt_steps: int = 7
+    step_decay: float = 0.8
+    init_std: float = 0.02
+
+    def validate(self, tp: int = 1) -> "Eagle3Config":
+        def need(ok, msg):
+            if not ok:
+                raise ValueError(msg)
+
+        need(self.ttt_steps >= 1, f"--ttt-steps {self.ttt_steps} must be >= 1")
+        need(0 < self.step_decay <= 1, f"the step decay {self.step_decay} must be in (0, 1]")
+        need(0 < self.draft_vocab_size <= self.vocab_size,
+             f"--draft-vocab-size {self.draft_vocab_size} must be in [1, {self.vocab_size}] (the target's vocabulary)")
+        need(self.num_attention_heads % self.num_query_groups == 0,
+             f"{self.num_attention_heads} attention heads are not a multiple of {self.num_query_groups} KV groups")
+        for what, n in (("attention heads", self.num_attention_heads), ("KV groups", self.num_query_groups),
+                        ("draft vocabulary entries", self.draft_vocab_size), ("target vocabulary entries",
+                                                                             self.vocab_size),
+                        ("FFN units", self.ffn_hidden_size)):
+            need(n % tp == 0, f"--tensor-model-parallel-size {tp} does not divide the {n} {what}")
+        return self
+
+    def transformer_config(self, tensor_model_parallel_size: int = 1, params_dtype=torch.float32):
+        from megatron.core.transformer import TransformerConfig
+
+        def init(t):
+            return torch.nn.init.normal_(t, mean=0.0, std=self.init_std)
+
+        return TransformerConfig(
+            num_layers=1, hidden_size=self.hidden_size, num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups, kv_channels=self.kv_channels,
+            ffn_hidden_size=self.ffn_hidden_size, add_bias_linear=False, hidden_dropout=0.0,
+            attention_dropout=0.0, init_method=init, output_layer_init_method=init,
+            init_method_std=self.init_std, tensor_model_parallel_size=tensor_model_parallel_size,
+            params_dtype=params_dtype, use_cpu_initialization=True, gradient_accumulation_fusion=False,
+            bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+        )
+
+
+#: megaspark parameter → (HF Eagle3 tensor name, dimension split over TP or None). The HF
+#: names are EAGLE-3's / SpecForge's ``LlamaForCausalLMEagle3``; the two target heads are
+#: the target's LM head (all rows, and the rows at the draft ids).
+STATE_DICT_MAP = {
+    "embedding.weight": ("embed_tokens.weight", 0),
+    "fc.weight": ("fc.weight", 1),
+    "input_layernorm.weight": ("midlayer.input_layernorm.weight", None),
+    "hidden_norm.weight": ("midlayer.hidden_norm.weight", None),
+    "linear_q.weight": ("midlayer.self_attn.q_proj.weight", 0),
+    "linear_k.weight": ("midlayer.self_attn.k_proj.weight", 0),
+    "linear_v.weight": ("midlayer.self_attn.v_proj.weight", 0),
+    "linear_proj.weight": ("midlayer.self_attn.o_proj.weight", 1),
+    "post_attention_layernorm.weight": ("midlayer.post_attention_layernorm.weight", None),
+    "linear_gate.weight": ("midlayer.mlp.gate_proj.weight", 0),
+    "linear_up.weight": ("midlayer.mlp.up_proj.weight", 0),
+    "linear_down.weight": ("midlayer.mlp.down_proj.weight", 1),
+    "final_norm.weight": ("norm.weight", None),
+    "lm_head.weight": ("lm_head.weight", 0),
+}
+FROZEN = ("embedding.weight", "target_head.weight", "target_draft_head.weight")
+
+
+def ttt_attention(q: torch.Tensor, ks: list, vs: list, scale: float) -> torch.Tensor:
+    """Attention of TTT step t = len(ks) − 1: q [b, nh, S, hd]; ks / vs the keys / values
+    [b, nkv, S, hd] of steps 0 … t. Scores against step 0's keys (causal) and one score per
+    later step against its key at the query's own position, one softmax over all of them."""
+    b, nh, S, hd = q.shape
+    rep = nh // ks[0].shape[1]
+    qf = q.float()
+
+    def heads(x):
+        return x.float().repeat_interleave(rep, dim=1) if rep > 1 else x.float()
+
+    k0, v0 = heads(ks[0]), heads(vs[0])
+    s0 = torch.matmul(qf, k0.transpose(-1, -2)) * scale
+    causal = torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1)
+    s0 = s0.masked_fill(causal, torch.finfo(torch.float32).min)
+    diag = [(qf * heads(k)).sum(-1, keepdim=True) * scale for k in ks[1:]]
+    p = torch.softmax(torch.cat([s0, *diag], dim=-1), dim=-1)
+    out = torch.matmul(p[..., :S], v0)
+    for i, v in enumerate(vs[1:]):
+        out = out + p[..., S + i:S + i + 1] * heads(v)
+    return out.to(q.dtype)
+
+
+def _shift(x: torch.Tensor, k: int, fill=0) -> torch.Tensor:
+    """x[j + k] at j along dim 0 (``fill`` past the end)."""
+    if k == 0:
+        return x
+    pad = torch.full_like(x[:k], fill)
+    return torch.cat([x[k:], pad], dim=0)
+
+
+def _tp_group():
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def _vp_argmax(x: torch.Tensor, start: int) -> torch.Tensor:
+    """The global argmax over the TP-split last dimension (the smallest index on ties)."""
+    value, index = x.max(dim=-1)
+    best = value.clone()
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(best, op=torch.distributed.ReduceOp.MAX, group=_tp_group())
+    big = torch.iinfo(torch.int64).max
+    cand = torch.where(value == best, index + start, torch.full_like(index, big))
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(cand, op=torch.distributed.ReduceOp.MIN, group=_tp_group())
+    return cand
+
+
+def _vp_log_normalizer(z: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the TP-split last dimension (differentiable: the sum's all-reduce has
+    an identity backward, as in megatron's vocab-parallel cross-entropy)."""
+    m = z.detach().amax(dim=-1)
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=_tp_group())
+    s = torch.exp(z - m[..., None]).sum(dim=-1)
+    s = tensor_parallel.reduce_from_tensor_model_parallel_region(s)
+    return m + torch.log(s)
+
+
+class Eagle3Draft(MegatronModule):
+    def __init__(self, config, e: Eagle3Config, draft_to_target: torch.Tensor, seed: int = 1234):
+        super().__init__(config=config)
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        e.validate(tp)
+        self.eagle3_config = e
+        H, V, N, I = e.hidden_size, e.vocab_size, e.draft_vocab_size, e.ffn_hidden_size
+        hd, nh, nkv = e.kv_channels, e.num_attention_heads, e.num_query_groups
+        self.heads_per_rank, self.groups_per_rank, self.head_dim = nh // tp, nkv // tp, hd
+        init = config.init_method
+
+        def column(name, fan_in, fan_out):
+            with seeded_init(seed, name):
+                return tensor_parallel.ColumnParallelLinear(
+                    fan_in, fan_out, config=config, init_method=init, bias=False, gather_output=False,
+                    skip_bias_add=False)
+
+        def row(name, fan_in, fan_out, input_is_parallel):
+            with seeded_init(seed, name):
+                return tensor_parallel.RowParallelLinear(
+                    fan_in, fan_out, config=config, init_method=init, bias=False,
+                    input_is_parallel=input_is_parallel, skip_bias_add=False)
+
+        with seeded_init(seed, "embedding"):
+            self.embedding = tensor_parallel.VocabParallelEmbedding(V, H, init_method=init, config=config)
+        self.fc = row("fc", 3 * H, H, input_is_parallel=False)
+        self.input_layernorm = RMSNorm(config, H, e.rms_norm_eps)
+        self.hidden_norm = RMSNorm(config, H, e.rms_norm_eps)
+        self.linear_q = column("q", 2 * H, nh * hd)
+        self.linear_k = column("k", 2 * H, nkv * hd)
+        self.linear_v = column("v", 2 * H, nkv * hd)
+        self.linear_proj = row("o", nh * hd, H, input_is_parallel=True)
+        self.post_attention_layernorm = RMSNorm(config, H, e.rms_norm_eps)
+        self.linear_gate = column("gate", H, I)
+        self.linear_up = column("up", H, I)
+        self.linear_down = row("down", I, H, input_is_parallel=True)
+        self.final_norm = RMSNorm(config, H, e.rms_norm_eps)
+        self.lm_head = column("lm_head", H, N)
+        # frozen copies of the target's LM head: every row (the target's top token decides
+        # whether a position counts) and the rows at the draft ids (the soft labels)
+        self.target_head = column("target_head", H, V)
+        self.target_draft_head = column("target_draft_head", H, N)
+        for name in FROZEN:
+            getattr(self, name.split(".")[0]).weight.requires_grad_(False)
+        ids = torch.as_tensor(draft_to_target, dtype=torch.int64)
+        if ids.numel() != N:
+            raise ValueError(f"draft_to_target has {ids.numel()} entries for a draft vocabulary of {N}")
+        t2d = torch.zeros(V, dtype=torch.bool)
+        t2d[ids] = True
+        self.register_buffer("draft_to_target", ids, persistent=False)
+        self.register_buffer("t2d", t2d, persistent=False)
+
+    # ------------------------------------------------------------------ forward
+    def _layer(self, emb, g, ks, vs, cos, sin):
+        S, b, _ = g.shape
+        hd, nq, nkv = self.head_dim, self.heads_per_rank, self.groups_per_rank
+        a = torch.cat([self.input_layernorm(emb), self.hidden_norm(g)], dim=-1)
+        q, _ = self.linear_q(a)
+        k, _ = self.linear_k(a)
+        v, _ = self.linear_v(a)
+        q = apply_rope(q.view(S, b, nq, hd).permute(1, 2, 0, 3), cos, sin)
+        k = apply_rope(k.view(S, b, nkv, hd).permute(1, 2, 0, 3), cos, sin)
+        ks.append(k)
+        vs.append(v.view(S, b, nkv, hd).permute(1, 2, 0, 3))
+        att = ttt_attention(q, ks, vs, hd ** -0.5)
+        att = att.permute(2, 0, 1, 3).reshape(S, b, nq * hd)
+        out, _ = self.linear_proj(att)
+        h = g + out
+        m = self.post_attention_layernorm(h)
+        gate, _ = self.linear_gate(m)
+        up, _ = self.linear_up(m)
+        mlp, _ = self.linear_down(F.silu(gate) * up)
+        return h + mlp
+
+    def forward(self, input_ids: torch.Tensor, aux: torch.Tensor) -> list:
+        """input_ids [b, S]; aux [S, b, 3H] → this rank's draft logits [S, b, N/tp] of every
+        TTT step (step t at position p reads the token x_{p+1+t})."""
+        e = self.eagle3_config
+        S, b, _ = aux.shape
+        g, _ = self.fc(aux)
+        pos = torch.arange(S, device=aux.device)[None].expand(b, S)
+        cos, sin = rope_cos_sin(pos, self.head_dim, e.rope_theta)
+        ids = input_ids.t()  # [S, b]
+        ks, vs, logits = [], [], []
+        for t in range(e.ttt_steps):
+            emb = self.embedding(_shift(ids, 1 + t).t()).transpose(0, 1).to(g.dtype)  # [S, b, H]
+            o = self._layer(emb, g, ks, vs, cos, sin)
+            z, _ = self.lm_head(self.final_norm(o))
+            logits.append(z)
+            g = o
+        return logits
+
+    # ------------------------------------------------------------------ loss
+    def loss_sums(self, logits: list, input_ids, loss_mask, target_last_hidden) -> dict:
+        """Σ_t w_t Σ_p m_t·CE_t (``num``) and Σ_t w_t Σ_p m_t (``den``) of this micro-batch,
+        plus per-step (correct, count) sums and the chained-acceptance sum for τ
+        (tests/eagle3_reference.py states the objective). target_last_hidden [S, b, H]."""
+        e = self.eagle3_config
+        S, b = input_ids.shape[1], input_ids.shape[0]
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        n_local, v_local = self.lm_head.weight.shape[0], self.target_head.weight.shape[0]
+        with torch.no_grad():
+            full, _ = self.target_head(target_last_hidden)  # [S, b, V/tp]
+            top = _vp_argmax(full.float(), tp_rank * v_local)
+            in_draft = self.t2d[top]  # [S, b]
+            del full
+            tz, _ = self.target_draft_head(target_last_hidden)
+            tz = tz.float()
+            label = torch.exp(tz - _vp_log_normalizer(tz)[..., None])  # soft labels, this rank's shard
+            label_top = _vp_argmax(tz, tp_rank * n_local)
+        mask = loss_mask.t().bool()  # [S, b]
+        valid = torch.arange(S, device=mask.device)[:, None]
+        num = den = None
+        correct, counts, chain, chain_sum = [], [], None, None
+        for t, z in enumerate(logits):
+            z = z.float()
+            m = ((valid + 2 + t < S) & _shift(mask, 2 + t, False) & _shift(in_draft, 1 + t, False))
+            q = _shift(label, 1 + t)
+            qz = tensor_parallel.reduce_from_tensor_model_parallel_region((q * z).sum(-1))
+            ce = _vp_log_normalizer(z) - qz  # [S, b]
+            w = e.step_decay ** t
+            mf = m.to(ce.dtype)
+            term, weight = w * (mf * ce).sum(), w * mf.sum()
+            num = term if num is None else num + term
+            den = weight if den is None else den + weight
+            with torch.no_grad():
+                right = (_vp_argmax(z, tp_rank * n_local) == _shift(label_top, 1 + t, -1)) & m
+                correct.append(right.sum())
+                counts.append(m.sum())
+                chain = right.double() if chain is None else chain * right.double()
+                chain_sum = chain.sum() if chain_sum is None else chain_sum + chain.sum()
+        return {"num": num, "den": den, "correct": torch.stack(correct), "count": torch.stack(counts),
+                "chain": chain_sum, "positions": counts[0]}
+
+
+def load_hf_tensors(model: Eagle3Draft, tensors: dict, target_lm_head: Optional[torch.Tensor] = None) -> None:
+    """Copy this rank's shards of HF-named Eagle3 tensors (and, given, of the target's LM
+    head [V, H]) into ``model``."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    params = dict(model.named_parameters())
+
+    def put(name, full, dim):
+        p = params[name]
+        shard = full if dim is None else full.chunk(tp, dim=dim)[rank]
+        with torch.no_grad():
+            p.copy_(shard.to(p.dtype))
+
+    for name, (hf, dim) in STATE_DICT_MAP.items():
+        put(name, tensors[hf], dim)
+    if target_lm_head is not None:
+        put("target_head.weight", target_lm_head, 0)
+        put("target_draft_head.weight", target_lm_head[model.draft_to_target.cpu()], 0)
+
+
+__all__ = ["Eagle3Config", "Eagle3Draft", "ttt_attention", "load_hf_tensors", "STATE_DICT_MAP", "FROZEN"]

@@ -1,0 +1,146 @@
+"""megaspark's tensor-parallel Eagle3 draft (megaspark/models/eagle3) against the
+independent reference (tests/eagle3_reference.py, float64): per-step draft logits, the
+decayed token-pooled soft-CE loss, the per-step accuracies and τ, and the gradient of every
+trainable tensor, at TP = 1 and TP = 2 (issue 16; GQA drafts). The TTT attention equals
+attention over the explicitly concatenated steps."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests import eagle3_reference as ref
+from tests.launcher import run_distributed
+
+CFG = dict(hidden_size=16, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=24,
+           rms_norm_eps=1e-6, rope_theta=10000.0, vocab_size=40, draft_vocab_size=24, ttt_steps=4)
+
+
+def case(seed=0, b=2, S=12):
+    g = torch.Generator().manual_seed(seed)
+    w = ref.random_weights(CFG, seed)
+    ids = torch.randint(0, CFG["vocab_size"], (b, S), generator=g)
+    mask = (torch.rand(b, S, generator=g) < 0.85).long()
+    aux = torch.randn(b, S, 3 * CFG["hidden_size"], generator=g, dtype=torch.float64)
+    last = torch.randn(b, S, CFG["hidden_size"], generator=g, dtype=torch.float64)
+    w_lm = torch.randn(CFG["vocab_size"], CFG["hidden_size"], generator=g, dtype=torch.float64)
+    d2t = torch.randperm(CFG["vocab_size"], generator=g)[: CFG["draft_vocab_size"]].sort().values
+    return w, ids, mask, aux, last, w_lm, d2t
+
+
+def _config():
+    from megaspark.models.eagle3.model import Eagle3Config
+
+    return Eagle3Config(hidden_size=CFG["hidden_size"], num_attention_heads=CFG["num_heads"],
+                        num_query_groups=CFG["num_kv_heads"], kv_channels=CFG["head_dim"],
+                        ffn_hidden_size=CFG["intermediate_size"], vocab_size=CFG["vocab_size"],
+                        draft_vocab_size=CFG["draft_vocab_size"], rms_norm_eps=CFG["rms_norm_eps"],
+                        rope_theta=CFG["rope_theta"], ttt_steps=CFG["ttt_steps"])
+
+
+def _worker(rank, world_size):
+    from megatron.core import parallel_state
+
+    from megaspark.models.eagle3.model import Eagle3Draft, load_hf_tensors
+    from megaspark.parallel import initialize_distributed
+
+    out = {}
+    for tp in (1, 2):
+        initialize_distributed(tensor_model_parallel_size=tp)
+        e = _config()
+        w, ids, mask, aux, last, w_lm, d2t = case()
+        model = Eagle3Draft(e.transformer_config(tp), e, d2t)
+        load_hf_tensors(model, w, target_lm_head=w_lm)
+        logits = model(ids, aux.float().transpose(0, 1).contiguous())
+        sums = model.loss_sums(logits, ids, mask, last.float().transpose(0, 1).contiguous())
+        loss = sums["num"] / sums["den"]
+        loss.backward()
+        out[tp] = {
+            "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+            "loss": loss.item(),
+            "logits": [z.detach() for z in logits],
+            "correct": sums["correct"], "count": sums["count"], "chain": sums["chain"].item(),
+            "positions": sums["positions"].item(),
+            "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+        }
+    return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_distributed(_worker, 2)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    w, ids, mask, aux, last, w_lm, d2t = case()
+    w = {k: v.clone().requires_grad_(k != "embed_tokens.weight") for k, v in w.items()}
+    out = ref.eagle3_loss(w, CFG, ids, mask, aux, last @ w_lm.T, d2t)
+    out["loss"].backward()
+    out["grads"] = {k: v.grad for k, v in w.items() if v.grad is not None}
+    return out
+
+
+def _gather(per_rank: list, dim):
+    return per_rank[0] if dim is None else torch.cat(per_rank, dim=dim)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_eagle3_draft_matches_the_reference(results, reference, tp):
+    from megaspark.models.eagle3.model import STATE_DICT_MAP
+
+    ranks = sorted((r[tp] for r in results), key=lambda r: r["tp_rank"])
+    if tp == 1:
+        ranks = ranks[:1]
+    assert ranks[0]["loss"] == pytest.approx(reference["loss"].item(), rel=1e-5)
+    assert all(r["loss"] == ranks[0]["loss"] for r in ranks)
+    logits = torch.stack([_gather([r["logits"][t] for r in ranks], -1) for t in range(CFG["ttt_steps"])])
+    want = reference["logits"].permute(0, 2, 1, 3)  # [T, S, b, N]
+    assert torch.allclose(logits.double(), want, atol=1e-5, rtol=1e-5)
+    acc = (ranks[0]["correct"].double() / ranks[0]["count"].clamp(min=1)).tolist()
+    assert acc == pytest.approx(reference["acc"], abs=1e-9)
+    assert 1 + ranks[0]["chain"] / ranks[0]["positions"] == pytest.approx(reference["tau"], abs=1e-9)
+    for name, (hf, dim) in STATE_DICT_MAP.items():
+        if hf == "embed_tokens.weight":
+            continue
+        got = _gather([r["grads"][name] for r in ranks], dim).double()
+        exp = reference["grads"][hf]
+        assert torch.allclose(got, exp, atol=1e-5 * max(1.0, exp.abs().max().item()), rtol=1e-4), name
+        if dim is None:  # replicated tensors: the same full gradient on every rank
+            assert all(torch.equal(r["grads"][name], ranks[0]["grads"][name]) for r in ranks), name
+    assert reference["masks"].any() and not reference["masks"].all()
+
+
+def test_ttt_attention_equals_the_explicit_concatenation():
+    from megaspark.models.eagle3.model import ttt_attention
+
+    g = torch.Generator().manual_seed(5)
+    b, S, hd = 2, 10, 8
+    q = torch.randn(b, 4, S, hd, generator=g, dtype=torch.float64)
+    ks = [torch.randn(b, 2, S, hd, generator=g, dtype=torch.float64) for _ in range(5)]
+    vs = [torch.randn(b, 2, S, hd, generator=g, dtype=torch.float64) for _ in range(5)]
+    for t in range(5):
+        got = ttt_attention(q, ks[:t + 1], vs[:t + 1], hd ** -0.5)
+        want = ref.explicit_step_attention(q, ks[:t + 1], vs[:t + 1], hd ** -0.5)
+        assert torch.allclose(got.double(), want, atol=1e-6), t
+        # no future position: changing step-0 keys/values after p leaves rows ≤ p unchanged
+        p = 4
+        k2 = [k.clone() for k in ks[:t + 1]]
+        v2 = [v.clone() for v in vs[:t + 1]]
+        k2[0][:, :, p + 1:] += 1.0
+        v2[0][:, :, p + 1:] += 1.0
+        for s in range(1, t + 1):
+            k2[s][:, :, p + 1:] += 1.0
+        again = ttt_attention(q, k2, v2, hd ** -0.5)
+        assert torch.allclose(again[:, :, : p + 1], got[:, :, : p + 1], atol=1e-12)
+
+
+def test_config_refuses_impossible_shapes():
+    e = _config()
+    with pytest.raises(ValueError, match="does not divide the 4 attention heads"):
+        e.validate(3)
+    import dataclasses
+
+    with pytest.raises(ValueError, match="--draft-vocab-size 50"):
+        dataclasses.replace(e, draft_vocab_size=50).validate()
+    with pytest.raises(ValueError, match="--ttt-steps 0"):
+        dataclasses.replace(e, ttt_steps=0).validate()
