@@ -20,6 +20,11 @@ megatron), and reports every problem found:
   tensors (``q_proj`` or ``q_a_proj``/``q_a_layernorm``/``q_b_proj`` when ``q_lora_rank`` is
   set, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``).
 
+An Eagle3 draft (``architectures: ["LlamaForCausalLMEagle3"]``, SGLang/vLLM/SpecForge) is
+checked for its one-layer shape, ``draft_vocab_size``, the three tapped layers
+(``eagle_config.eagle_aux_hidden_state_layer_ids``), the ``midlayer.*`` / ``fc`` /
+``lm_head`` tensors and shapes, ``d2t`` (integer offsets) and ``t2d`` (bool).
+
 With ``--load-in-sglang`` (needs sglang) the export is also built with SGLang's own DSpark
 draft class and loaded with its own weight loader on the CPU, and draft blocks run by
 SGLang (layers, attention over the context KV, Markov drafting loop, confidence head) are
@@ -416,11 +421,74 @@ def validate(path: str, engines=ENGINES) -> Report:
     if not isinstance(cfg, dict):
         report.problem("config.json is not a JSON object")
         return report
+    if EAGLE3 in (cfg.get("architectures") or []):
+        check_eagle3(cfg, read_tensor_index(path, report), report)
+        return report
     shape = check_config(cfg, engines, report)
     tensors = read_tensor_index(path, report)
     if shape and tensors:
         check_tensors(tensors, shape, report)
     return report
+
+
+# --------------------------------------------------------------------------- Eagle3
+
+#: SGLang (models/llama_eagle3.py), vLLM and SpecForge load Eagle3 drafts under this name
+EAGLE3 = "LlamaForCausalLMEagle3"
+
+
+def check_eagle3(cfg: dict, tensors: dict, report: Report) -> None:
+    """An Eagle3 draft as the engines read it: one decoder layer ``midlayer`` whose
+    attention input is 2H wide, ``fc`` over the three tapped layers
+    (``eagle_config.eagle_aux_hidden_state_layer_ids``), an LM head over ``draft_vocab_size``
+    tokens, ``d2t`` (int64 offsets, read by SGLang as its hot-token map) and ``t2d`` (bool
+    over the target vocabulary); ``embed_tokens`` optional (engines take the target's)."""
+    need = ("hidden_size", "num_attention_heads", "intermediate_size", "vocab_size", "draft_vocab_size")
+    missing = [k for k in need if not _is_int(cfg.get(k))]
+    if missing:
+        report.problem(f"eagle3: config.json needs integer {', '.join(missing)}")
+        return
+    H, nh, I, V, N = (cfg[k] for k in need)
+    nkv = cfg.get("num_key_value_heads", nh)
+    hd = cfg.get("head_dim") or H // nh
+    if cfg.get("num_hidden_layers", 1) != 1:
+        report.problem(f"eagle3: num_hidden_layers {cfg.get('num_hidden_layers')}; the engines' Eagle3 "
+                       "draft has one layer (midlayer)")
+    if not 0 < N <= V:
+        report.problem(f"eagle3: draft_vocab_size {N} must be in [1, vocab_size {V}]")
+    ids = (cfg.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+    if ids is None:
+        report.note("eagle3: no eagle_config.eagle_aux_hidden_state_layer_ids; engines then tap their "
+                    "default layers of the target")
+    elif not (isinstance(ids, list) and len(ids) == 3 and all(_is_int(k) and k >= 0 for k in ids)):
+        report.problem(f"eagle3: eagle_aux_hidden_state_layer_ids {ids!r} must be 3 layer ids >= 0")
+    want = {
+        "fc.weight": (H, 3 * H), "midlayer.input_layernorm.weight": (H,), "midlayer.hidden_norm.weight": (H,),
+        "midlayer.self_attn.q_proj.weight": (nh * hd, 2 * H), "midlayer.self_attn.k_proj.weight": (nkv * hd, 2 * H),
+        "midlayer.self_attn.v_proj.weight": (nkv * hd, 2 * H), "midlayer.self_attn.o_proj.weight": (H, nh * hd),
+        "midlayer.post_attention_layernorm.weight": (H,), "midlayer.mlp.gate_proj.weight": (I, H),
+        "midlayer.mlp.up_proj.weight": (I, H), "midlayer.mlp.down_proj.weight": (H, I),
+        "norm.weight": (H,), "lm_head.weight": (N, H), "d2t": (N,), "t2d": (V,),
+    }
+    optional = {"embed_tokens.weight": (V, H)}
+    for name, shape in want.items():
+        if name not in tensors:
+            if name not in ("d2t", "t2d") or N < V:
+                report.problem(f"eagle3: tensor {name} missing")
+            continue
+        if tensors[name][1] != shape:
+            report.problem(f"eagle3: {name} has shape {list(tensors[name][1])}, expected {list(shape)}")
+    for name, (dtype, _) in tensors.items():
+        if name == "d2t" and dtype not in ("I64", "I32"):
+            report.problem(f"eagle3: d2t is {dtype}; the engines read integer offsets (target = draft + d2t)")
+        if name == "t2d" and dtype != "BOOL":
+            report.problem(f"eagle3: t2d is {dtype}, expected BOOL")
+    extra = sorted(set(tensors) - set(want) - set(optional))
+    if extra:
+        report.problem(f"eagle3: tensors no engine reads: {extra[:5]}")
+    if not report.problems:
+        report.note(f"eagle3: {EAGLE3}, H {H}, {nh}/{nkv} heads x {hd}, draft vocabulary {N} of {V}, "
+                    f"taps {ids}")
 
 
 def main(argv=None) -> int:
@@ -442,7 +510,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     engines = ENGINES if args.engine == "all" else (args.engine,)
     report = validate(args.path, engines)
-    if args.load_in_sglang and not report.problems:
+    eagle3 = os.path.isfile(os.path.join(args.path, "config.json")) and EAGLE3 in str(
+        json.load(open(os.path.join(args.path, "config.json"))).get("architectures"))
+    if args.load_in_sglang and eagle3:
+        report.problem("--load-in-sglang builds DSpark drafts only; Eagle3 drafts are checked from their "
+                       "config and tensor headers")
+    elif args.load_in_sglang and not report.problems:
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from megaspark.export.sglang_parity import compare_with_sglang
 

@@ -1,0 +1,199 @@
+"""Eagle3 drafts in the format SGLang, vLLM and SpecForge load (issue 16, item 4).
+
+A directory with ``config.json`` and ``model.safetensors``:
+
+* ``architectures: ["LlamaForCausalLMEagle3"]``, ``model_type: "llama"``, one hidden layer
+  (``num_hidden_layers: 1``), the draft's shape (``hidden_size``, heads, ``head_dim``,
+  ``intermediate_size``, ``rms_norm_eps``, ``rope_theta``), ``vocab_size`` (the target's)
+  and ``draft_vocab_size``; ``eagle_config.eagle_aux_hidden_state_layer_ids``: the tapped
+  target layers (id k = output of decoder layer k, SGLang's and megaspark's convention);
+  megaspark's TTT settings under ``megaspark_eagle3``;
+* tensors named as EAGLE-3 / SpecForge name them (``fc.weight``, ``midlayer.*``,
+  ``norm.weight``, ``lm_head.weight``), plus ``d2t`` (int64 offsets: target = draft +
+  d2t[draft]) and ``t2d`` (bool over the target vocabulary); ``embed_tokens.weight`` only
+  with ``include_embeddings`` (engines take the target's).
+
+SGLang (``models/llama_eagle3.py``) renames ``midlayer`` to ``layers.0``, fuses q/k/v and
+gate/up, reads ``d2t`` as its hot-token map and skips ``t2d``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+
+from megaspark.data.draft_vocab import DraftVocab
+from megaspark.export.hf import CONFIG_FILE, WEIGHTS_FILE, ExportError, _write_atomically
+from megaspark.models.eagle3.model import STATE_DICT_MAP, Eagle3Config
+
+ARCHITECTURE = "LlamaForCausalLMEagle3"
+EMBEDDING = "embed_tokens.weight"
+
+
+def tensor_shapes(e: Eagle3Config, include_embeddings: bool = False) -> dict:
+    """Every tensor of an export and its shape."""
+    H, V, N, I = e.hidden_size, e.vocab_size, e.draft_vocab_size, e.ffn_hidden_size
+    q, kv = e.num_attention_heads * e.kv_channels, e.num_query_groups * e.kv_channels
+    shapes = {
+        "fc.weight": (H, 3 * H),
+        "midlayer.input_layernorm.weight": (H,), "midlayer.hidden_norm.weight": (H,),
+        "midlayer.self_attn.q_proj.weight": (q, 2 * H), "midlayer.self_attn.k_proj.weight": (kv, 2 * H),
+        "midlayer.self_attn.v_proj.weight": (kv, 2 * H), "midlayer.self_attn.o_proj.weight": (H, q),
+        "midlayer.post_attention_layernorm.weight": (H,),
+        "midlayer.mlp.gate_proj.weight": (I, H), "midlayer.mlp.up_proj.weight": (I, H),
+        "midlayer.mlp.down_proj.weight": (H, I),
+        "norm.weight": (H,), "lm_head.weight": (N, H), "d2t": (N,), "t2d": (V,),
+    }
+    if include_embeddings:
+        shapes[EMBEDDING] = (V, H)
+    return shapes
+
+
+def build_config(e: Eagle3Config, layer_ids, target_config: Optional[dict] = None,
+                 max_position_embeddings: int = 4096) -> dict:
+    t = dict(target_config or {})
+    return {
+        "architectures": [ARCHITECTURE], "model_type": "llama", "num_hidden_layers": 1,
+        "hidden_size": e.hidden_size, "num_attention_heads": e.num_attention_heads,
+        "num_key_value_heads": e.num_query_groups, "head_dim": e.kv_channels,
+        "intermediate_size": e.ffn_hidden_size, "hidden_act": "silu", "rms_norm_eps": e.rms_norm_eps,
+        "rope_theta": e.rope_theta, "max_position_embeddings": int(t.get("max_position_embeddings",
+                                                                           max_position_embeddings)),
+        "vocab_size": e.vocab_size, "draft_vocab_size": e.draft_vocab_size, "tie_word_embeddings": False,
+        "attention_bias": False, "torch_dtype": "float32",
+        "eagle_config": {"eagle_aux_hidden_state_layer_ids": [int(k) for k in layer_ids],
+                         "use_aux_hidden_state": True},
+        "megaspark_eagle3": {"ttt_steps": e.ttt_steps, "step_decay": e.step_decay},
+    }
+
+
+def export_eagle3(tensors: dict, e: Eagle3Config, vocab: DraftVocab, layer_ids, out_dir,
+                  target_config: Optional[dict] = None, include_embeddings: bool = False) -> dict:
+    """Write HF-named global Eagle3 tensors (``STATE_DICT_MAP``'s names) and the draft
+    vocabulary as an engine-loadable directory (written to a temporary sibling, renamed into
+    place). Returns the config."""
+    from safetensors.torch import save_file
+
+    e.validate()
+    if vocab.size != e.draft_vocab_size or vocab.target_size != e.vocab_size:
+        raise ExportError(f"draft vocabulary {vocab.size} of {vocab.target_size} does not match the "
+                          f"draft ({e.draft_vocab_size} of {e.vocab_size})")
+    if len(layer_ids) != 3:
+        raise ExportError(f"an Eagle3 draft reads 3 target layers, got {list(layer_ids)}")
+    out = {"d2t": vocab.d2t, "t2d": vocab.t2d}
+    for name, shape in tensor_shapes(e, include_embeddings).items():
+        if name in out:
+            continue
+        if name not in tensors:
+            raise ExportError(f"export: tensor {name} missing")
+        if tuple(tensors[name].shape) != shape:
+            raise ExportError(f"export: {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+        out[name] = tensors[name].detach().to("cpu").contiguous().clone()
+    config = build_config(e, layer_ids, target_config)
+
+    def write(tmp):
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(config, f, indent=2)
+            f.write("\n")
+        save_file(out, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
+
+    _write_atomically(str(out_dir), write)
+    return config
+
+
+def config_to_eagle3(cfg: dict, where: str = CONFIG_FILE) -> tuple:
+    """``(Eagle3Config, tapped layer ids or None)`` of an Eagle3 config.json (ours or
+    SpecForge's: the TTT settings default to Eagle3's, 7 steps and 0.8)."""
+    if ARCHITECTURE not in (cfg.get("architectures") or []):
+        raise ExportError(f"{where}: not an Eagle3 draft (architectures {cfg.get('architectures')}, "
+                          f"expected {ARCHITECTURE})")
+    if int(cfg.get("num_hidden_layers", 1)) != 1:
+        raise ExportError(f"{where}: num_hidden_layers {cfg['num_hidden_layers']}; megaspark's Eagle3 "
+                          "draft has one decoder layer")
+    try:
+        H, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        ttt = cfg.get("megaspark_eagle3", {})
+        e = Eagle3Config(
+            hidden_size=H, num_attention_heads=heads,
+            num_query_groups=int(cfg.get("num_key_value_heads", heads)),
+            kv_channels=int(cfg.get("head_dim") or H // heads),
+            ffn_hidden_size=int(cfg["intermediate_size"]), vocab_size=int(cfg["vocab_size"]),
+            draft_vocab_size=int(cfg.get("draft_vocab_size") or cfg["vocab_size"]),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            ttt_steps=int(ttt.get("ttt_steps", 7)), step_decay=float(ttt.get("step_decay", 0.8)),
+        ).validate()
+    except (KeyError, TypeError, ValueError) as err:
+        raise ExportError(f"{where}: {err}") from err
+    layer_ids = (cfg.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+    return e, (None if layer_ids is None else [int(k) for k in layer_ids])
+
+
+def read_eagle3(path) -> tuple:
+    """``(Eagle3Config, layer ids or None, DraftVocab, HF-named tensors)`` of an Eagle3
+    directory (a megaspark export or a SpecForge checkpoint: ``model.`` prefixes dropped,
+    ``d2t`` required when the draft vocabulary is smaller than the target's)."""
+    from safetensors.torch import load_file
+
+    path = str(path)
+    where = os.path.join(path, CONFIG_FILE)
+    try:
+        with open(where) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{where}: unreadable ({err})") from err
+    e, layer_ids = config_to_eagle3(cfg, where)
+    tensors = {}
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise ExportError(f"{path}: no .safetensors file")
+    for f in files:
+        for k, v in load_file(os.path.join(path, f)).items():
+            tensors[k[len("model."):] if k.startswith("model.") else k] = v
+    if "d2t" in tensors:
+        try:
+            vocab = DraftVocab.from_d2t(tensors.pop("d2t"), e.vocab_size)
+        except ValueError as err:
+            raise ExportError(f"{path}: d2t: {err}") from err
+    elif e.draft_vocab_size == e.vocab_size:
+        vocab = DraftVocab(torch.arange(e.vocab_size), e.vocab_size)
+    else:
+        raise ExportError(f"{path}: no d2t for a draft vocabulary of {e.draft_vocab_size} < {e.vocab_size}")
+    t2d = tensors.pop("t2d", None)
+    if t2d is not None and not torch.equal(t2d.bool(), vocab.t2d):
+        raise ExportError(f"{path}: t2d and d2t describe different draft vocabularies")
+    shapes = tensor_shapes(e, include_embeddings=EMBEDDING in tensors)
+    for name, shape in shapes.items():
+        if name in ("d2t", "t2d"):
+            continue
+        if name not in tensors:
+            raise ExportError(f"{path}: tensor {name} missing")
+        if tuple(tensors[name].shape) != shape:
+            raise ExportError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, expected {shape}")
+    extra = sorted(set(tensors) - set(shapes))
+    if extra:
+        raise ExportError(f"{path}: unknown tensors {extra[:5]}")
+    return e, layer_ids, vocab, tensors
+
+
+def gather_hf_tensors(model) -> dict:
+    """The HF-named global tensors of a (TP-sharded) :class:`~megaspark.models.eagle3.model.
+    Eagle3Draft`, gathered over TP (every rank gets them)."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    params = dict(model.named_parameters())
+    out = {}
+    for name, (hf, dim) in STATE_DICT_MAP.items():
+        p = params[name].detach()
+        if dim is not None and tp > 1:
+            parts = [torch.empty_like(p) for _ in range(tp)]
+            torch.distributed.all_gather(parts, p.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+            p = torch.cat(parts, dim=dim)
+        out[hf] = p.cpu()
+    return out
+
+
+__all__ = ["export_eagle3", "read_eagle3", "config_to_eagle3", "build_config", "tensor_shapes",
+           "gather_hf_tensors", "ARCHITECTURE"]
