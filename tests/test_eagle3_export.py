@@ -20,6 +20,7 @@ from megaspark.export.eagle3 import export_eagle3, read_eagle3
 from megaspark.export.hf import ExportError
 from tests import eagle3_reference as ref
 from tests.launcher import run_distributed
+from tests.sglang_marks import needs_sglang
 from tests.test_eagle3_model import CFG, _config, case
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,3 +147,20 @@ def test_export_import_gives_identical_logits_at_tp2(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(res["original"], res["export"]))
         w = case()[0]
         assert all(torch.equal(res["export_gathered"][k], w[k].float()) for k in res["export_gathered"])
+
+
+@needs_sglang
+def test_real_sglang_loads_the_eagle3_export(tmp_path):
+    """SGLang 0.5.23's own LlamaForCausalLMEagle3 built from the export (CPU, one rank) and
+    loaded by its own load_weights: every parameter (q/k/v and gate/up fused) holds the
+    export's tensor, its hot-token map is the draft vocabulary; a renamed norm fails."""
+    from tests.test_sglang_serving import edited, sglang_load
+
+    exported(tmp_path)
+    res = sglang_load(tmp_path / "x")
+    assert res["architecture"] == "LlamaForCausalLMEagle3"
+    assert res["problems"] == [] and res["ignored"] == [], res
+    assert res["loaded"] == 13  # 12 weight tensors (q/k/v, gate/up fused) + d2t
+    bad = sglang_load(edited(tmp_path / "x", tmp_path / "bad", rename={
+        "midlayer.hidden_norm.weight": "midlayer.hidden_layernorm.weight"}))
+    assert any("midlayer.hidden_norm.weight" in p and "initial value" in p for p in bad["problems"]), bad

@@ -353,14 +353,28 @@ _FROM_TARGET = ("embed_tokens.weight", "lm_head.weight")
 _FUSED = {".self_attn.qkv_proj.": ("q_proj", "k_proj", "v_proj"), ".mlp.gate_up_proj.": ("gate_proj", "up_proj")}
 
 
+#: Eagle3 tensors that are no parameter: SGLang reads d2t as its hot-token map, skips t2d
+_EAGLE3_MAPS = ("d2t", "t2d")
+
+
+def _export_name(name: str) -> str:
+    """An SGLang parameter name as the export names it (Eagle3: ``model.`` prefix dropped,
+    ``layers.0`` is EAGLE-3's ``midlayer``)."""
+    if name.startswith("model."):
+        name = name[len("model."):]
+        if name.startswith("layers.0."):
+            name = "midlayer." + name[len("layers.0."):]
+    return name
+
+
 def _sources(name: str) -> list:
     """Checkpoint tensor names an SGLang parameter is loaded from (in concatenation order)."""
     for fused, parts in _FUSED.items():
         if fused in name:
             head, tail = name.split(fused)
             sub = fused.strip(".").split(".")[0]  # self_attn / mlp
-            return [f"{head}.{sub}.{p}.{tail}" for p in parts]
-    return [name]
+            return [_export_name(f"{head}.{sub}.{p}.{tail}") for p in parts]
+    return [_export_name(name)]
 
 
 class SGLangDraft:
@@ -404,9 +418,12 @@ class SGLangDraft:
             with _target_world([0], "gloo", 0):
                 bootstrap.init_parallel_runtime(server_args=sa, device="cpu", dist_port=port_args.nccl_port)
             bootstrap.init_layer_runtime(model_config=model_config)
-            import sglang.srt.models.dspark as sg_dspark
+            if self.architecture == "LlamaForCausalLMEagle3":
+                from sglang.srt.models import llama_eagle3 as module
+            else:
+                import sglang.srt.models.dspark as module
 
-            cls = getattr(sg_dspark, self.architecture, None)
+            cls = getattr(module, self.architecture, None)
             self.model = None
             if cls is not None:
                 if has_confidence:  # models/dspark.py::build_confidence_head
@@ -439,6 +456,8 @@ class SGLangDraft:
             problems.append(f"SGLang's loader refused the export: {self.load_error}")
         for name, param in self.model.named_parameters():
             srcs = _sources(name)
+            if srcs[0] in _FROM_TARGET:  # an Eagle3 draft's own embedding: the target's
+                continue
             missing = [s for s in srcs if s not in tensors]
             if missing:
                 problems.append(f"SGLang parameter {name} has no tensor {missing[0]} in the export: "
@@ -449,10 +468,19 @@ class SGLangDraft:
             if tuple(want.shape) != tuple(param.shape) or not torch.equal(want, param.detach().float()):
                 problems.append(f"SGLang parameter {name} does not hold the export's {'+'.join(srcs)} "
                                 f"after loading")
+        if "d2t" in tensors:  # Eagle3: SGLang's hot-token map must be the draft vocabulary
+            hot = getattr(self.model, "hot_token_id", None)
+            want = tensors["d2t"].long() + torch.arange(tensors["d2t"].numel())
+            if hot is None or not torch.equal(torch.as_tensor(hot).long().cpu(), want):
+                problems.append("SGLang's hot-token map (from d2t) is not the export's draft vocabulary")
+            else:
+                used.add("d2t")
         # without a confidence head in the export SGLang builds none here, and nothing of
         # it is read
         ignored = sorted(k for k in tensors if k not in used and k not in _FROM_TARGET
-                         and not (k.startswith("confidence_head.") and self.model.confidence_head is None))
+                         and k not in _EAGLE3_MAPS
+                         and not (k.startswith("confidence_head.")
+                                  and getattr(self.model, "confidence_head", None) is None))
         problems += [f"export tensor {k} is read by no SGLang parameter (ignored)" for k in ignored]
         return {"architecture": self.architecture, "problems": problems, "loaded": len(used),
                 "ignored": ignored}
