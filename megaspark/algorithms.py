@@ -9,6 +9,9 @@ pins the few that define the algorithm:
 * ``dflash`` — DeepSpec's DFlash baseline: the same backbone and Convention S, no Markov
   head, no confidence head, CE only (α_ce = 1, α_l1 = 0), γ = 4, B = 7. This is exactly
   DSpark with ``markov_rank = 0`` (§13 item 2);
+* ``eagle3`` — an Eagle3 draft (megaspark/training/eagle3.py): three tapped layers, one
+  decoder layer unrolled for ``--ttt-steps`` test-time-training steps, a draft vocabulary
+  of ``--draft-vocab-size`` tokens; its own loss (the DFlash-family flags do not apply);
 * ``dflash-original`` — the original DFlash (z-lab, SpecForge): Convention D (slot 0 is the
   anchor and unsupervised, B − 1 drafts per block), B = 16, γ = 7, CE only and no eval-mask
   truncation (SpecForge applies no cumulative product to the weight mask).
@@ -60,6 +63,15 @@ ALGORITHMS = {
                                               "the original DFlash predicts same-position tokens")),
     ),
 }
+
+
+ALGORITHMS["eagle3"] = Algorithm(
+    "eagle3", "Eagle3 (EAGLE-3/SpecForge): one 2H-input layer, test-time training, draft vocabulary",
+    # the DFlash-family flags do not apply; these keep their checks quiet
+    dict(block_size=7, markov_rank=0, confidence_head=False, ce_loss_alpha=1.0, l1_loss_alpha=0.0,
+         confidence_loss_alpha=0.0, loss_decay_gamma=4.0, slot_convention="S", truncate_eval_mask=True),
+    dict(_DFLASH_PINNED),
+)
 
 
 def resolve(args) -> Algorithm:

@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--algorithm", default=None, choices=sorted(ALGORITHMS),
                    help="preset: " + "; ".join(f"{a.name} = {a.summary}" for a in ALGORITHMS.values())
                    + f" (default: {DEFAULT_ALGORITHM}; dflash-original with --training-mode vp_drafter)")
+    g.add_argument("--ttt-steps", type=int, default=7,
+                   help="--algorithm eagle3: test-time-training steps the draft layer is unrolled for")
+    g.add_argument("--draft-vocab-size", type=int, default=32000,
+                   help="--algorithm eagle3: tokens the draft predicts (the most frequent supervised "
+                   "tokens of the training data; at most the target's vocabulary)")
     g.add_argument("--training-mode", default="standard", choices=["standard", "vp_drafter"],
                    help="vp_drafter: each block shows a sampled prefix of real tokens (D2SD / "
                    "SpecForge VP-drafter, Convention D)")
@@ -277,6 +282,8 @@ def validate_args(args, world_size: int) -> None:
     need(args.exit_duration_in_mins is None or args.exit_duration_in_mins > 0,
          "--exit-duration-in-mins must be > 0")
     need(args.skip_nonfinite_steps >= 0, "--skip-nonfinite-steps must be >= 0")
+    need(args.ttt_steps >= 1, "--ttt-steps must be >= 1")
+    need(args.draft_vocab_size >= 1, "--draft-vocab-size must be >= 1")
     need(args.distributed_timeout_minutes > 0, "--distributed-timeout-minutes must be > 0")
     need(args.data_path is not None, "--data-path is required (run tools/prepare_data.py first)")
     need(os.path.isdir(args.data_path),

@@ -6,7 +6,6 @@ a SpecForge-format checkpoint (its documented key names) imports."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,6 @@ from safetensors.torch import load_file, save_file
 from megaspark.data.draft_vocab import DraftVocab
 from megaspark.export.eagle3 import export_eagle3, read_eagle3
 from megaspark.export.hf import ExportError
-from tests import eagle3_reference as ref
 from tests.launcher import run_distributed
 from tests.sglang_marks import needs_sglang
 from tests.test_eagle3_model import CFG, _config, case

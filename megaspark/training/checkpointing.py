@@ -382,9 +382,7 @@ class Checkpointer:
                 + " --use-distributed-optimizer; resume with the same setting (the parallel "
                 "layout itself may change)"
             )
-        from megaspark.config import DSparkConfig
-
-        theirs = DSparkConfig.from_dict(state["dspark_config"]).shape_signature()
+        theirs = type(self.dcfg).from_dict(state["dspark_config"]).shape_signature()
         ours = self.dcfg.shape_signature()
         diff = {k: (theirs[k], ours[k]) for k in ours if theirs.get(k) != ours[k]}
         if diff:

@@ -10,11 +10,7 @@ import torch
 
 from megaspark import platform
 from megaspark.arguments import ArgumentError, parse_args
-
-
-def _log0(msg: str) -> None:
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        print(msg, flush=True)
+from megaspark.training.startup import load_target, log0, open_datasets  # noqa: F401 (load_target: API)
 
 
 def _attention_summary(dcfg) -> str:
@@ -22,58 +18,6 @@ def _attention_summary(dcfg) -> str:
         return (f"MLA {dcfg.num_attention_heads} heads (q rank {dcfg.q_lora_rank}, kv rank "
                 f"{dcfg.kv_lora_rank}, qk {dcfg.qk_nope_head_dim}+{dcfg.qk_rope_head_dim}, v {dcfg.v_head_dim})")
     return f"heads {dcfg.num_attention_heads}/{dcfg.num_query_groups}x{dcfg.kv_channels}"
-
-
-def load_target(args, build: bool):
-    """(:class:`TargetInfo` on every rank, the target provider of --target-backend on the ranks
-    that run it, else None). The built-in target is resolved (converted on first use) on rank
-    0 first. The provider is built on the compute device in ``args.target_dtype_resolved``;
-    when it fails anywhere, every rank raises (the failing one its own error)."""
-    from megaspark.targets.base import TargetError
-    from megaspark.targets.builtin import resolve_target
-    from megaspark.targets.checkpoint import TargetInfo
-
-    if torch.distributed.get_rank() == 0:
-        resolve_target(args.target_model)
-    torch.distributed.barrier()
-    info = TargetInfo(args.target_model, args.target_layer_ids_resolved)
-    provider, error = None, None
-    if build:
-        try:
-            provider = _build_provider(args)
-            print(f"rank {torch.distributed.get_rank()}: target {type(provider).__name__} built on "
-                  f"{platform.compute_device()} in {args.target_dtype_resolved}", flush=True)
-        except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
-            error = e
-    status = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(status, None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    failed = [(r, m) for r, m in enumerate(status) if m is not None]
-    if failed:
-        rank, message = failed[0]
-        raise TargetError(f"the target could not be built on rank {rank}, which runs it: {message}")
-    return info, provider
-
-
-def _build_provider(args):
-    device, dtype = platform.compute_device(), args.target_dtype_resolved
-    if args.target_backend == "offline":
-        from megaspark.targets.offline import build_offline_target
-
-        return build_offline_target(args, device=device, dtype=dtype)
-    if args.target_backend == "sglang":
-        from megaspark.targets.sglang_colocated import build_colocated_target
-
-        return build_colocated_target(args, device=device, dtype=dtype)
-    if args.target_backend == "sglang-server":
-        from megaspark.targets.sglang import build_sglang_target
-
-        return build_sglang_target(args, device=device, dtype=dtype)
-    from megaspark.targets.hf import HFTargetProvider
-
-    return HFTargetProvider(args.target_model, layer_ids=args.target_layer_ids_resolved, dtype=dtype,
-                            device=device)
 
 
 def check_memory_plan(args, dcfg, hf_config, runs_target: bool) -> None:
@@ -156,8 +100,6 @@ def build_model_chunks(args, dcfg, model_provider):
 
 
 def pretrain(model_provider, forward_step, argv=None):
-    from megaspark.data.chat import DataError
-    from megaspark.data.dataset import PreparedDataset, check_matches_target, has_split, load_meta, verify_prepared
     from megaspark.parallel import initialize_distributed
     from megaspark.targets.hf import load_config_offline
     from megaspark.targets.builtin import default_mask_token_id, resolve_target
@@ -195,6 +137,10 @@ def pretrain(model_provider, forward_step, argv=None):
         torch.distributed.barrier()
         hf_config = load_config_offline(resolve_target(args.target_model)).get_text_config()
 
+    if args.algorithm == "eagle3":
+        from megaspark.training.eagle3 import run
+
+        return run(args, hf_config)
     dcfg = draft_config(args, hf_config)
     if not dcfg.qk_norm and dcfg.attention_type == "gqa" and torch.distributed.get_rank() == 0:
         print("megaspark: warning: --no-qk-norm: the draft layers have no per-head q/k norms. "
@@ -237,28 +183,13 @@ def pretrain(model_provider, forward_step, argv=None):
         dcfg.mask_token_id = args.mask_token_id
     dcfg.validate(args.tensor_model_parallel_size)
 
-    meta = load_meta(args.data_path)
-    check_matches_target(args.data_path, meta, target_info.tokenizer, hf_config)
-    verified = [None, None]
-    if torch.distributed.get_rank() == 0:  # one reader; every rank learns the verdict
-        try:
-            verified = [verify_prepared(args.data_path, meta, args.data_verify), None]
-        except DataError as e:
-            verified = [None, str(e)]
-    torch.distributed.broadcast_object_list(verified, src=0)
-    if verified[1] is not None:
-        raise DataError(verified[1])
-    _log0(f"megaspark: dataset {args.data_path}: {verified[0]}")
-    train_data = PreparedDataset(args.data_path, "train", vocab_size=dcfg.vocab_size)
-    valid_data = None
-    if has_split(args.data_path, "valid"):
-        valid_data = PreparedDataset(args.data_path, "valid", vocab_size=dcfg.vocab_size)
+    meta, train_data, valid_data = open_datasets(args, target_info, hf_config, dcfg.vocab_size)
     checkpointer = Checkpointer(args, dcfg, target_info.fingerprint())
     resume = choose_resume(args)
     if resume:
         checkpointer.check_compatible(read_state(resume))
         if args.load_hf_draft:  # a requeued run that began from an HF draft goes on from --save
-            _log0(f"megaspark: {args.load_hf_draft} is not loaded: the run resumes from {resume}")
+            log0(f"megaspark: {args.load_hf_draft} is not loaded: the run resumes from {resume}")
 
     chunks, tcfg = build_model_chunks(args, dcfg, model_provider)
     for chunk in chunks:
@@ -268,7 +199,7 @@ def pretrain(model_provider, forward_step, argv=None):
         from megaspark.export.hf import load_hf_draft_weights
 
         load_hf_draft_weights(chunks, args.load_hf_draft, dcfg, target_fingerprint=target_info.fingerprint())
-        _log0(f"initialised the draft from {args.load_hf_draft}")
+        log0(f"initialised the draft from {args.load_hf_draft}")
     ddp_chunks = wrap_ddp(chunks, tcfg, args)
     trainer = Trainer(args, chunks, ddp_chunks, tcfg, dcfg, target, train_data, valid_data,
                       forward_step, pad_id=train_data.pad_id)
@@ -276,7 +207,7 @@ def pretrain(model_provider, forward_step, argv=None):
         checkpointer.load(trainer, resume)
 
     n_train = sum(p.numel() for c in chunks for p in c.parameters() if p.requires_grad)
-    _log0(
+    log0(
         f"megaspark: target {args.target_model} ({hf_config.model_type}, {dcfg.num_target_layers} "
         f"layers, taps {dcfg.target_layer_ids}) | {args.algorithm}"
         f"{' (vp_drafter)' if dcfg.training_mode == 'vp_drafter' else ''}, convention "
@@ -291,5 +222,5 @@ def pretrain(model_provider, forward_step, argv=None):
     )
     state = trainer.train(checkpointer if args.save else None)
     if state.exit_reason is None:
-        _log0(f"done: {state.iteration} iterations, best eval tau {state.best_eval_tau}")
+        log0(f"done: {state.iteration} iterations, best eval tau {state.best_eval_tau}")
     return trainer

@@ -190,10 +190,20 @@ class Trainer:
             data_iterator=iterators[0] if len(iterators) == 1 else iterators,
             model=self.ddp_chunks,
             num_microbatches=len(step),
-            seq_length=self.args.seq_length + self.dcfg.num_anchors * self.dcfg.block_size,
+            seq_length=self._schedule_seq_length(step),
             micro_batch_size=self.args.micro_batch_size,
             forward_only=forward_only,
         )
+
+    def _schedule_seq_length(self, step) -> int:
+        """The activation length megatron's schedule is told (DSpark: context + blocks)."""
+        return self.args.seq_length + self.dcfg.num_anchors * self.dcfg.block_size
+
+    def _combined_loss(self, metrics: dict) -> float:
+        """The training objective from the reduced metrics (DSpark: α-weighted terms)."""
+        d = self.dcfg
+        return (d.alpha_ce * metrics.get("ce_loss", 0.0) + d.alpha_l1 * metrics.get("l1_loss", 0.0)
+                + (d.alpha_conf * metrics.get("confidence_loss", 0.0) if d.confidence_head else 0.0))
 
     def train_step(self):
         args = self.args
@@ -292,12 +302,7 @@ class Trainer:
         if "count@tokens" in metrics:
             metrics["tokens"] = int(metrics.pop("count@tokens"))
         if self.is_last_stage:
-            d = self.dcfg
-            metrics["loss"] = (
-                d.alpha_ce * metrics.get("ce_loss", 0.0)
-                + d.alpha_l1 * metrics.get("l1_loss", 0.0)
-                + (d.alpha_conf * metrics.get("confidence_loss", 0.0) if d.confidence_head else 0.0)
-            )
+            metrics["loss"] = self._combined_loss(metrics)
         # share with earlier pipeline stages so every rank logs/decides consistently
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             obj = [metrics]

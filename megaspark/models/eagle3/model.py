@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from megaspark.models.dspark.layer import RMSNorm
@@ -64,6 +65,23 @@ class Eagle3Config:
                         ("FFN units", self.ffn_hidden_size)):
             need(n % tp == 0, f"--tensor-model-parallel-size {tp} does not divide the {n} {what}")
         return self
+
+    def to_dict(self) -> dict:
+        import dataclasses
+
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Eagle3Config":
+        import dataclasses
+
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+    def shape_signature(self) -> dict:
+        """Fields that must match for a checkpoint to load into this draft."""
+        keys = ("hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "ffn_hidden_size",
+                "vocab_size", "draft_vocab_size", "ttt_steps")
+        return {k: getattr(self, k) for k in keys}
 
     def transformer_config(self, tensor_model_parallel_size: int = 1, params_dtype=torch.float32):
         from megatron.core.transformer import TransformerConfig
@@ -169,6 +187,8 @@ class Eagle3Draft(MegatronModule):
         tp = parallel_state.get_tensor_model_parallel_world_size()
         e.validate(tp)
         self.eagle3_config = e
+        self.model_type = ModelType.encoder_or_decoder
+        self.input_tensor = None  # one pipeline stage: nothing arrives from another
         H, V, N, I = e.hidden_size, e.vocab_size, e.draft_vocab_size, e.ffn_hidden_size
         hd, nh, nkv = e.kv_channels, e.num_attention_heads, e.num_query_groups
         self.heads_per_rank, self.groups_per_rank, self.head_dim = nh // tp, nkv // tp, hd
@@ -215,6 +235,29 @@ class Eagle3Draft(MegatronModule):
         self.register_buffer("draft_to_target", ids, persistent=False)
         self.register_buffer("t2d", t2d, persistent=False)
 
+    @torch.no_grad()
+    def load_target_weights(self, source) -> None:
+        """Copy this rank's shards of the target's embedding and LM head (all rows, and the
+        rows at the draft ids) from ``source`` (a :class:`megaspark.targets.checkpoint.
+        TargetInfo`: ``weight_rows(which, start, stop)``)."""
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        for module, which in ((self.embedding, "embedding"), (self.target_head, "lm_head")):
+            rows = module.weight.shape[0]
+            shard = source.weight_rows(which, rank * rows, (rank + 1) * rows)
+            module.weight.copy_(shard.to(module.weight.device, module.weight.dtype))
+        n = self.target_draft_head.weight.shape[0]
+        ids = self.draft_to_target[rank * n:(rank + 1) * n].cpu()
+        rows = []
+        for start in range(0, ids.numel(), 4096):  # contiguous runs would be cheaper; fine at start-up
+            part = ids[start:start + 4096]
+            block = source.weight_rows("lm_head", int(part.min()), int(part.max()) + 1)
+            rows.append(block[part - int(part.min())])
+        self.target_draft_head.weight.copy_(torch.cat(rows).to(self.target_draft_head.weight.device,
+                                                               self.target_draft_head.weight.dtype))
+
+    def set_input_tensor(self, input_tensor):  # megatron's schedule calls it on every model
+        self.input_tensor = input_tensor
+
     # ------------------------------------------------------------------ forward
     def _layer(self, emb, g, ks, vs, cos, sin):
         S, b, _ = g.shape
@@ -256,31 +299,51 @@ class Eagle3Draft(MegatronModule):
         return logits
 
     # ------------------------------------------------------------------ loss
-    def loss_sums(self, logits: list, input_ids, loss_mask, target_last_hidden) -> dict:
+    @torch.no_grad()
+    def labels(self, target_last_hidden: torch.Tensor) -> dict:
+        """What the loss needs of the target, computed once per micro-batch (every TTT step
+        reads it shifted): whether the target's top token at each position is in the draft
+        vocabulary (full-vocabulary argmax, vocab-parallel), the soft labels (this rank's
+        shard of the draft vocabulary) and their argmax. target_last_hidden [S, b, H]."""
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        full, _ = self.target_head(target_last_hidden)  # [S, b, V/tp]
+        top = _vp_argmax(full.float(), tp_rank * self.target_head.weight.shape[0])
+        del full
+        tz, _ = self.target_draft_head(target_last_hidden)
+        tz = tz.float()
+        return {"in_draft": self.t2d[top], "soft": torch.exp(tz - _vp_log_normalizer(tz)[..., None]),
+                "top": _vp_argmax(tz, tp_rank * self.lm_head.weight.shape[0])}
+
+    def step_masks(self, loss_mask: torch.Tensor, labels: dict) -> list:
+        """m_t [S, b] of every TTT step: x_{p+2+t} exists and is supervised, and the target's
+        top token at p+1+t is in the draft vocabulary. loss_mask [b, S]."""
+        S = loss_mask.shape[1]
+        mask = loss_mask.t().bool()
+        pos = torch.arange(S, device=mask.device)[:, None]
+        return [(pos + 2 + t < S) & _shift(mask, 2 + t, False) & _shift(labels["in_draft"], 1 + t, False)
+                for t in range(self.eagle3_config.ttt_steps)]
+
+    def denominator(self, loss_mask: torch.Tensor, labels: dict) -> torch.Tensor:
+        """Σ_t w_t Σ_p m_t[p] of a micro-batch (before the forward: the global denominator)."""
+        e = self.eagle3_config
+        return sum(e.step_decay ** t * m.sum(dtype=torch.float32)
+                   for t, m in enumerate(self.step_masks(loss_mask, labels)))
+
+    def loss_sums(self, logits: list, input_ids, loss_mask, target_last_hidden=None, labels=None) -> dict:
         """Σ_t w_t Σ_p m_t·CE_t (``num``) and Σ_t w_t Σ_p m_t (``den``) of this micro-batch,
         plus per-step (correct, count) sums and the chained-acceptance sum for τ
-        (tests/eagle3_reference.py states the objective). target_last_hidden [S, b, H]."""
+        (tests/eagle3_reference.py states the objective). ``labels`` from :meth:`labels`,
+        else computed here from target_last_hidden [S, b, H]."""
         e = self.eagle3_config
-        S, b = input_ids.shape[1], input_ids.shape[0]
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        n_local, v_local = self.lm_head.weight.shape[0], self.target_head.weight.shape[0]
-        with torch.no_grad():
-            full, _ = self.target_head(target_last_hidden)  # [S, b, V/tp]
-            top = _vp_argmax(full.float(), tp_rank * v_local)
-            in_draft = self.t2d[top]  # [S, b]
-            del full
-            tz, _ = self.target_draft_head(target_last_hidden)
-            tz = tz.float()
-            label = torch.exp(tz - _vp_log_normalizer(tz)[..., None])  # soft labels, this rank's shard
-            label_top = _vp_argmax(tz, tp_rank * n_local)
-        mask = loss_mask.t().bool()  # [S, b]
-        valid = torch.arange(S, device=mask.device)[:, None]
+        n_local = self.lm_head.weight.shape[0]
+        if labels is None:
+            labels = self.labels(target_last_hidden)
         num = den = None
         correct, counts, chain, chain_sum = [], [], None, None
-        for t, z in enumerate(logits):
+        for t, (z, m) in enumerate(zip(logits, self.step_masks(loss_mask, labels))):
             z = z.float()
-            m = ((valid + 2 + t < S) & _shift(mask, 2 + t, False) & _shift(in_draft, 1 + t, False))
-            q = _shift(label, 1 + t)
+            q = _shift(labels["soft"], 1 + t)
             qz = tensor_parallel.reduce_from_tensor_model_parallel_region((q * z).sum(-1))
             ce = _vp_log_normalizer(z) - qz  # [S, b]
             w = e.step_decay ** t
@@ -289,7 +352,7 @@ class Eagle3Draft(MegatronModule):
             num = term if num is None else num + term
             den = weight if den is None else den + weight
             with torch.no_grad():
-                right = (_vp_argmax(z, tp_rank * n_local) == _shift(label_top, 1 + t, -1)) & m
+                right = (_vp_argmax(z, tp_rank * n_local) == _shift(labels["top"], 1 + t, -1)) & m
                 correct.append(right.sum())
                 counts.append(m.sum())
                 chain = right.double() if chain is None else chain * right.double()

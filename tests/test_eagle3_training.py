@@ -1,0 +1,60 @@
+"""``--algorithm eagle3`` through pretrain_dspark.py (issue 16): the same training at
+(TP, DP) = (1, 1), (2, 1), (1, 2) and (2, 2) — losses within 1e-4 over several steps (one
+global token-pooled denominator, the target computed on TP rank 0 and broadcast) — with
+evaluation, τ and checkpoints, and an auto-resumed run that continues bit-exactly."""
+from __future__ import annotations
+
+import pytest
+
+from tests.test_pretrain import _ok, data_dir, losses, run  # noqa: F401
+
+LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
+
+
+def flags(target, data, tp, *extra):
+    return ["--algorithm", "eagle3", "--target-model", target, "--data-path", data,
+            "--target-layer-ids", "1", "2", "4", "--draft-vocab-size", "128", "--ttt-steps", "3",
+            "--tensor-model-parallel-size", str(tp), "--seq-length", "64", "--micro-batch-size", "1",
+            "--global-batch-size", "4", "--lr", "2e-2", "--lr-warmup-fraction", "0", "--log-interval", "1",
+            "--no-progress-bar", "--train-iters", "4", *extra]
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory, tiny_llama_dir, data_dir):  # noqa: F811
+    root = tmp_path_factory.mktemp("eagle3")
+    out = {}
+    for tp, dp in LAYOUTS:
+        log = root / f"{tp}-{dp}.jsonl"
+        extra = ["--eval-interval", "4", "--eval-iters", "1"]
+        if (tp, dp) == (2, 1):
+            extra += ["--save", str(root / "ckpt"), "--save-interval", "2"]
+        r = run(tp * dp, *flags(tiny_llama_dir, data_dir, tp, "--log-jsonl", str(log), *extra), timeout=600)
+        _ok(r)
+        out[(tp, dp)] = (losses(log), losses(log, "eval"), r)
+    return root, out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS[1:])
+def test_eagle3_is_layout_invariant(layouts, layout):
+    _, out = layouts
+    ref, got = out[(1, 1)][0], out[layout][0]
+    assert sorted(got) == [1, 2, 3, 4]
+    for it in ref:
+        assert got[it] == pytest.approx(ref[it], rel=1e-4, abs=1e-5), (it, ref, got)
+
+
+def test_eagle3_run_reports_and_checkpoints(layouts, tiny_llama_dir, data_dir):  # noqa: F811
+    root, out = layouts
+    train, evals, r = out[(2, 1)]
+    assert "eagle3: H 64" in r.stdout and "draft vocabulary 128 of 320, TTT steps 3" in r.stdout
+    assert "eval @ 4" in r.stdout and "accept@k" in r.stdout and evals
+    assert (root / "ckpt" / "latest").read_text() == "iter_0000004"
+    # resume from iteration 2 (a damaged newest checkpoint is skipped): iterations 3, 4 again
+    (root / "ckpt" / "iter_0000004" / "rng_rank0.pt").write_bytes(b"x")
+    log = root / "resumed.jsonl"
+    r2 = run(2, *flags(tiny_llama_dir, data_dir, 2, "--save", str(root / "ckpt"), "--log-jsonl", str(log)),
+             timeout=600)
+    _ok(r2)
+    assert "resuming from" in r2.stdout and "iter_0000002" in r2.stdout
+    again = losses(log)
+    assert sorted(again) == [3, 4] and all(again[it] == train[it] for it in again), (again, train)
