@@ -82,6 +82,16 @@ def explicit_step_attention(q, ks, vs, scale: float) -> torch.Tensor:
     return torch.einsum("bhqk,bhkd->bhqd", torch.softmax(scores, dim=-1), v)
 
 
+def random_steps(seed: int, b: int, S: int, hd: int, steps: int, heads: int = 4, kv_heads: int = 2):
+    """Random float64 q [b, heads, S, hd] and per-step keys / values [b, kv_heads, S, hd]
+    (for attention tests)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, heads, S, hd, generator=g, dtype=torch.float64)
+    ks = [torch.randn(b, kv_heads, S, hd, generator=g, dtype=torch.float64) for _ in range(steps)]
+    vs = [torch.randn(b, kv_heads, S, hd, generator=g, dtype=torch.float64) for _ in range(steps)]
+    return q, ks, vs
+
+
 def midlayer(w: dict, cfg: dict, e: torch.Tensor, g: torch.Tensor, ks: list, vs: list):
     """One step of the draft layer: e, g [b, S, H]; appends this step's k, v to ks / vs."""
     b, S, H = g.shape

@@ -113,11 +113,8 @@ def test_eagle3_draft_matches_the_reference(results, reference, tp):
 def test_ttt_attention_equals_the_explicit_concatenation():
     from megaspark.models.eagle3.model import ttt_attention
 
-    g = torch.Generator().manual_seed(5)
-    b, S, hd = 2, 10, 8
-    q = torch.randn(b, 4, S, hd, generator=g, dtype=torch.float64)
-    ks = [torch.randn(b, 2, S, hd, generator=g, dtype=torch.float64) for _ in range(5)]
-    vs = [torch.randn(b, 2, S, hd, generator=g, dtype=torch.float64) for _ in range(5)]
+    hd = 8
+    q, ks, vs = ref.random_steps(5, b=2, S=10, hd=hd, steps=5)
     for t in range(5):
         got = ttt_attention(q, ks[:t + 1], vs[:t + 1], hd ** -0.5)
         want = ref.explicit_step_attention(q, ks[:t + 1], vs[:t + 1], hd ** -0.5)

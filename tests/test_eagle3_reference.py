@@ -40,11 +40,8 @@ def inputs(seed=0, b=2, S=12):
 
 
 def test_explicit_attention_equals_the_cache_formulation():
-    g = torch.Generator().manual_seed(1)
-    b, S, hd = 2, 9, 8
-    q = torch.randn(b, 4, S, hd, generator=g, dtype=torch.float64)
-    ks = [torch.randn(b, 2, S, hd, generator=g, dtype=torch.float64) for _ in range(4)]
-    vs = [torch.randn(b, 2, S, hd, generator=g, dtype=torch.float64) for _ in range(4)]
+    hd = 8
+    q, ks, vs = ref.random_steps(1, b=2, S=9, hd=hd, steps=4)
     for t in range(4):
         a = ref.explicit_step_attention(q, ks[:t + 1], vs[:t + 1], hd ** -0.5)
         c = cache_step_attention(q, ks[:t + 1], vs[:t + 1], hd ** -0.5)
