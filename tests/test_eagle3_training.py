@@ -58,3 +58,38 @@ def test_eagle3_run_reports_and_checkpoints(layouts, tiny_llama_dir, data_dir): 
     assert "resuming from" in r2.stdout and "iter_0000002" in r2.stdout
     again = losses(log)
     assert sorted(again) == [3, 4] and all(again[it] == train[it] for it in again), (again, train)
+
+
+def test_eagle3_checkpoint_converts_to_the_engine_format(layouts, tmp_path):
+    """convert_checkpoint_to_hf.py on a TP=2 Eagle3 checkpoint: LlamaForCausalLMEagle3, the
+    validator accepts it, and its tensors and draft vocabulary are the checkpoint's."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from megaspark.export.eagle3 import read_eagle3
+    from megaspark.models.eagle3.model import STATE_DICT_MAP
+    from tests.test_pretrain import REPO
+
+    root, _ = layouts
+    ckpt = root / "ckpt" / "iter_0000002"  # intact (the newest may have been damaged above)
+    out = tmp_path / "hf"
+    r = subprocess.run([sys.executable, str(REPO / "tools/convert_checkpoint_to_hf.py"), "--load", str(ckpt),
+                        "--output", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0 and "LlamaForCausalLMEagle3" in r.stdout, r.stdout + r.stderr
+    assert json.loads((out / "config.json").read_text())["eagle_config"][
+        "eagle_aux_hidden_state_layer_ids"] == [1, 2, 4]
+    v = subprocess.run([sys.executable, str(REPO / "tools/validate_hf_export.py"), str(out)],
+                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert v.returncode == 0, v.stdout
+    e, _, vocab, tensors = read_eagle3(out)
+    dcp_to_torch_save(str(ckpt), str(tmp_path / "all.pt"))
+    model = torch.load(tmp_path / "all.pt", weights_only=False)  # the model keys are top-level
+    for name, (hf, _) in STATE_DICT_MAP.items():
+        if hf in tensors:
+            assert torch.equal(tensors[hf], model[name]), name
+    assert torch.equal(vocab.draft_to_target, model["draft_to_target"])
+    assert e.draft_vocab_size == 128 and vocab.size == 128

@@ -12,6 +12,9 @@ Examples::
     python tools/convert_checkpoint_to_hf.py --load checkpoints/qwen3/iter_0010000 \\
         --output export/qwen3-specforge --layout specforge
 
+An ``--algorithm eagle3`` checkpoint converts to the engines' Eagle3 format
+(``LlamaForCausalLMEagle3``, megaspark/export/eagle3.py; ``--layout`` does not apply).
+
 Check the result with ``python tools/validate_hf_export.py DIR``.
 """
 
@@ -60,9 +63,15 @@ def main(argv=None) -> int:
     from megaspark.parallel import destroy_distributed
     from megaspark.training.checkpointing import CheckpointError
 
+    from megaspark.export.eagle3 import export_eagle3_checkpoint, is_eagle3_checkpoint
+
     try:
-        summary = export_checkpoint(args.load, args.output, layout=args.layout,
-                                    include_embeddings=args.embeddings, target_model=args.target_model)
+        if is_eagle3_checkpoint(args.load):  # --algorithm eagle3: the engines' Eagle3 format
+            summary = export_eagle3_checkpoint(args.load, args.output, include_embeddings=bool(args.embeddings),
+                                               target_model=args.target_model)
+        else:
+            summary = export_checkpoint(args.load, args.output, layout=args.layout,
+                                        include_embeddings=args.embeddings, target_model=args.target_model)
     except (ExportError, CheckpointError, FileNotFoundError) as e:
         print(f"convert_checkpoint_to_hf.py: error: {e}", file=sys.stderr)
         return 2
@@ -78,6 +87,10 @@ def main(argv=None) -> int:
         print(f"converted {summary['checkpoint']} (iteration {summary['iteration']}, saved at "
               f"TP {layout.get('tp', '?')} PP {layout.get('pp', '?')} DP {layout.get('dp', '?')})")
         print(f"  -> {summary['output']}")
+        if summary["layout"] == "eagle3":
+            print(f"  {summary['architecture']} (Eagle3), embeddings "
+                  f"{'included' if summary['include_embeddings'] else 'left out'}, target {summary['target']}")
+            return 0
         print(f"  layout {summary['layout']}, slot convention {summary['convention']}, embeddings "
               f"{'included' if summary['include_embeddings'] else 'left out'}, target {summary['target']}")
         print(f"  parameters: {summary['trainable_parameters']:,} trainable + "

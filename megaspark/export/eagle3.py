@@ -195,5 +195,45 @@ def gather_hf_tensors(model) -> dict:
     return out
 
 
-__all__ = ["export_eagle3", "read_eagle3", "config_to_eagle3", "build_config", "tensor_shapes",
+def is_eagle3_checkpoint(ckpt_dir) -> bool:
+    from megaspark.training.checkpointing import read_state
+
+    return "draft_vocab_size" in read_state(str(ckpt_dir)).get("dspark_config", {})
+
+
+def export_eagle3_checkpoint(ckpt_dir, out_dir, include_embeddings: bool = False,
+                             target_model: Optional[str] = None) -> dict:
+    """Convert an ``--algorithm eagle3`` training checkpoint (any TP/DP layout) to an
+    engine-format directory, in this process at TP = 1. Returns a summary dict."""
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from megaspark.export.hf import init_single_process_group
+    from megaspark.models.eagle3.model import Eagle3Draft
+    from megaspark.targets.builtin import resolve_target
+    from megaspark.targets.hf import load_config_offline
+    from megaspark.training.checkpointing import read_state, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(str(ckpt_dir))
+    saved = read_state(ckpt)
+    e = Eagle3Config.from_dict(saved["dspark_config"])
+    args = saved.get("args", {})
+    layer_ids = args.get("target_layer_ids_resolved")
+    target = target_model or args.get("target_model")
+    target_config = load_config_offline(resolve_target(target)).get_text_config().to_dict() if target else None
+    init_single_process_group()
+    if parallel_state.get_tensor_model_parallel_world_size() != 1:
+        raise ExportError("export_eagle3_checkpoint runs at TP = 1")
+    model = Eagle3Draft(e.transformer_config(1), e, torch.arange(e.draft_vocab_size))
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt)
+    with torch.no_grad():
+        model.load_state_dict(loaded["model"], strict=True)
+    tensors = gather_hf_tensors(model)
+    vocab = DraftVocab(model.draft_to_target.cpu().clone(), e.vocab_size)
+    export_eagle3(tensors, e, vocab, layer_ids, out_dir, target_config, include_embeddings=include_embeddings)
+    return dict(checkpoint=ckpt, output=os.path.abspath(str(out_dir)), layout="eagle3",
+                iteration=saved.get("iteration"), parallel_layout=saved.get("parallel_layout"),
+                target=target, include_embeddings=include_embeddings, architecture=ARCHITECTURE)
+
+
+__all__ = ["export_eagle3", "export_eagle3_checkpoint", "is_eagle3_checkpoint", "read_eagle3", "config_to_eagle3", "build_config", "tensor_shapes",
            "gather_hf_tensors", "ARCHITECTURE"]

@@ -232,7 +232,7 @@ class Eagle3Draft(MegatronModule):
             raise ValueError(f"draft_to_target has {ids.numel()} entries for a draft vocabulary of {N}")
         t2d = torch.zeros(V, dtype=torch.bool)
         t2d[ids] = True
-        self.register_buffer("draft_to_target", ids, persistent=False)
+        self.register_buffer("draft_to_target", ids)  # checkpointed: the export's d2t
         self.register_buffer("t2d", t2d, persistent=False)
 
     @torch.no_grad()
