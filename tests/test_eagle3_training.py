@@ -93,3 +93,26 @@ def test_eagle3_checkpoint_converts_to_the_engine_format(layouts, tmp_path):
             assert torch.equal(tensors[hf], model[name]), name
     assert torch.equal(vocab.draft_to_target, model["draft_to_target"])
     assert e.draft_vocab_size == 128 and vocab.size == 128
+
+
+def test_eval_speculative_decodes_with_the_eagle3_checkpoint(layouts, tiny_llama_dir, data_dir):  # noqa: F811
+    """tools/eval_speculative.py with an Eagle3 training checkpoint: chain drafting against
+    the real (tiny) target, greedy output identical to the target's, τ reported beside the
+    checkpoint's analytic τ."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.test_pretrain import REPO
+
+    root, _ = layouts
+    out = root / "eval.json"
+    r = subprocess.run([sys.executable, str(REPO / "tools/eval_speculative.py"), "--draft",
+                        str(root / "ckpt" / "iter_0000002"), "--data-path", data_dir, "--num-prompts", "3",
+                        "--max-new-tokens", "12", "--num-speculative-tokens", "3", "--no-progress",
+                        "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["draft"]["algorithm"] == "eagle3" and report["draft"]["taps"] == [1, 2, 4]
+    assert report["greedy_identical"] == {"identical": 3, "prompts": 3}
+    assert report["speculative"]["acceptance_length"] >= 1.0

@@ -1,6 +1,10 @@
 #!/usr/bin/env python
 """Measure a DSpark draft by real speculative decoding against its target.
 
+An Eagle3 draft (an ``LlamaForCausalLMEagle3`` export or an ``--algorithm eagle3``
+checkpoint) is recognised and decoded by chain drafting of ``--num-speculative-tokens``
+per round (megaspark/inference/eagle3.py); the report is the same (no confidences).
+
 Loads the draft (an HF export directory or a megaspark training checkpoint) at TP = 1 in
 a one-rank process group, runs every prompt through the speculative decoder
 (DSPARK_SPEC.md §7) and through plain target-only decoding with the same sampling
@@ -61,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128, help="per prompt (default 128)")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature; < 1e-5 is greedy (default 0)")
+    p.add_argument("--num-speculative-tokens", type=int, default=5,
+                   help="Eagle3 drafts: tokens drafted per round by chaining the draft (default 5)")
     p.add_argument("--confidence-threshold", type=float, default=0.0,
                    help="propose drafts up to the first slot whose confidence is below this; 0 "
                         "proposes the whole block and measures calibration (default 0)")
@@ -129,6 +135,68 @@ def _stop_ids(provider) -> list:
     return sorted(int(i) for i in ids if i is not None)
 
 
+def _load_prompts(args, tokenizer):
+    from megaspark.inference.evaluate import load_prompts_jsonl, load_prompts_prepared
+
+    if args.prompts:
+        return load_prompts_jsonl(args.prompts, tokenizer, args.num_prompts, raw=args.raw_prompts)
+    return load_prompts_prepared(args.data_path, "valid", args.num_prompts)
+
+
+def _finish(args, report, meta, target_name, device, dtype) -> int:
+    from megaspark.inference.evaluate import format_report
+
+    report["target"] = target_name
+    if args.metrics_jsonl:
+        report["metrics_jsonl_tau"] = last_eval_tau(args.metrics_jsonl)
+    best = meta.get("best_eval_tau")
+    if best is not None and math.isfinite(float(best)):
+        report["checkpoint_best_eval_tau"] = float(best)
+    report["device"], report["dtype"] = str(device), str(dtype).replace("torch.", "")
+    print(f"draft {args.draft} ({meta.get('kind') or 'unknown format'}), target {target_name} "
+          f"({report['device']}, {report['dtype']})")
+    print(format_report(report))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2, default=lambda x: None)
+            f.write("\n")
+    return 0
+
+
+def _eval_eagle3(args, meta, target_name, device, dtype) -> int:
+    """An Eagle3 draft (export or ``--algorithm eagle3`` checkpoint): chain drafting of
+    --num-speculative-tokens per round."""
+    from megaspark.export.eagle3 import load_eagle3
+    from megaspark.inference import TargetDecoder
+    from megaspark.inference.eagle3 import Eagle3SpeculativeDecoder
+    from megaspark.inference.evaluate import evaluate
+    from megaspark.targets.hf import HFTargetProvider
+
+    probe = HFTargetProvider(target_name, layer_ids=[0], dtype=dtype, device=device)
+    model, e, layer_ids = load_eagle3(args.draft, probe.embedding_weight())
+    if not layer_ids:
+        print("error: the Eagle3 draft records no tapped layers (eagle_config."
+              "eagle_aux_hidden_state_layer_ids)", file=sys.stderr)
+        return 2
+    provider = HFTargetProvider(target_name, layer_ids=layer_ids, dtype=dtype, device=device)
+    if provider.vocab_size != e.vocab_size or provider.hidden_size != e.hidden_size:
+        print(f"error: Eagle3 draft (vocab {e.vocab_size}, hidden {e.hidden_size}) does not fit the target "
+              f"{target_name} (vocab {provider.vocab_size}, hidden {provider.hidden_size})", file=sys.stderr)
+        return 2
+    model.to(device=device, dtype=dtype)
+    stops = [] if args.ignore_eos else _stop_ids(provider)
+    spec = Eagle3SpeculativeDecoder(model, provider, layer_ids, args.num_speculative_tokens, stop_token_ids=stops)
+    plain = None if args.no_baseline else TargetDecoder(provider, stop_token_ids=stops)
+    report = evaluate(spec, plain, _load_prompts(args, provider.tokenizer), max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, seed=args.seed, stop_token_ids=stops,
+                      progress=not args.no_progress)
+    report["draft"] = {"path": os.path.abspath(args.draft), "kind": meta.get("kind"), "algorithm": "eagle3",
+                       "draft_vocab_size": e.draft_vocab_size, "taps": layer_ids,
+                       "num_speculative_tokens": args.num_speculative_tokens}
+    return _finish(args, report, meta, target_name, device, dtype)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import torch
@@ -137,8 +205,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from megaspark.export.hf import init_single_process_group, load_draft
     from megaspark.inference import SpeculativeDecoder, TargetDecoder
-    from megaspark.inference.evaluate import (evaluate, format_report, load_prompts_jsonl,
-                                              load_prompts_prepared)
+    from megaspark.inference.evaluate import evaluate
     from megaspark.targets.hf import HFTargetProvider
 
     meta = _draft_metadata(args.draft)
@@ -156,6 +223,10 @@ def main(argv=None) -> int:
         return 2
     dtype = platform.target_dtype(args.dtype, False, device)
     init_single_process_group(seed=args.seed, device=args.device)
+    from megaspark.export.eagle3 import is_eagle3
+
+    if is_eagle3(args.draft):
+        return _eval_eagle3(args, meta, target_name, device, dtype)
     model, dcfg = load_draft(args.draft, tp=1, target_model=target_name)
     model.to(device=device, dtype=dtype)
     provider = HFTargetProvider(target_name, layer_ids=dcfg.target_layer_ids, dtype=dtype, device=device)
@@ -171,11 +242,7 @@ def main(argv=None) -> int:
     if args.confidence_threshold > 0 and not dcfg.confidence_head:
         print("note: the draft has no confidence head; --confidence-threshold is ignored and "
               "every round proposes the whole block", file=sys.stderr)
-    if args.prompts:
-        prompts = load_prompts_jsonl(args.prompts, provider.tokenizer, args.num_prompts,
-                                     raw=args.raw_prompts)
-    else:
-        prompts = load_prompts_prepared(args.data_path, "valid", args.num_prompts)
+    prompts = _load_prompts(args, provider.tokenizer)
     stops = [] if args.ignore_eos else _stop_ids(provider)
 
     spec = SpeculativeDecoder(model, provider, stop_token_ids=stops)
@@ -186,23 +253,7 @@ def main(argv=None) -> int:
     report["draft"] = {"path": os.path.abspath(args.draft), "kind": meta.get("kind"),
                        "markov_head_type": dcfg.markov_head_type, "markov_rank": dcfg.markov_rank,
                        "confidence_head": dcfg.confidence_head, "num_layers": dcfg.num_layers}
-    report["target"] = target_name
-    if args.metrics_jsonl:
-        report["metrics_jsonl_tau"] = last_eval_tau(args.metrics_jsonl)
-    best = meta.get("best_eval_tau")
-    if best is not None and math.isfinite(float(best)):
-        report["checkpoint_best_eval_tau"] = float(best)
-
-    report["device"], report["dtype"] = str(device), str(dtype).replace("torch.", "")
-    print(f"draft {args.draft} ({meta.get('kind') or 'unknown format'}), target {target_name} "
-          f"({report['device']}, {report['dtype']})")
-    print(format_report(report))
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2, default=lambda x: None)
-            f.write("\n")
-    return 0
+    return _finish(args, report, meta, target_name, device, dtype)
 
 
 if __name__ == "__main__":

@@ -195,6 +195,42 @@ def gather_hf_tensors(model) -> dict:
     return out
 
 
+def is_eagle3(path) -> bool:
+    """An Eagle3 export directory or an ``--algorithm eagle3`` checkpoint?"""
+    cfg = os.path.join(str(path), CONFIG_FILE)
+    if os.path.isfile(cfg):
+        with open(cfg) as f:
+            return ARCHITECTURE in (json.load(f).get("architectures") or [])
+    try:
+        return is_eagle3_checkpoint(path)
+    except Exception:  # noqa: BLE001 - not a checkpoint either: the caller's loader says why
+        return False
+
+
+def load_eagle3(path, embedding: torch.Tensor, lm_head: Optional[torch.Tensor] = None) -> tuple:
+    """``(Eagle3Draft at TP = 1, Eagle3Config, tapped layer ids)`` from an export directory
+    or a training checkpoint, inside an initialised one-rank group. ``embedding`` (and,
+    for training, ``lm_head``): the target's, which exports do not ship."""
+    from megatron.core import dist_checkpointing
+
+    from megaspark.models.eagle3.model import Eagle3Draft, load_hf_tensors
+    from megaspark.training.checkpointing import read_state, resolve_checkpoint
+
+    if os.path.isfile(os.path.join(str(path), CONFIG_FILE)):
+        e, layer_ids, vocab, tensors = read_eagle3(path)
+        model = Eagle3Draft(e.transformer_config(1), e, vocab.draft_to_target)
+        load_hf_tensors(model, dict(tensors, **{EMBEDDING: embedding}), target_lm_head=lm_head)
+        return model.eval(), e, layer_ids
+    ckpt = resolve_checkpoint(str(path))
+    saved = read_state(ckpt)
+    e = Eagle3Config.from_dict(saved["dspark_config"])
+    model = Eagle3Draft(e.transformer_config(1), e, torch.arange(e.draft_vocab_size))
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt)
+    with torch.no_grad():
+        model.load_state_dict(loaded["model"], strict=True)
+    return model.eval(), e, (saved.get("args") or {}).get("target_layer_ids_resolved")
+
+
 def is_eagle3_checkpoint(ckpt_dir) -> bool:
     from megaspark.training.checkpointing import read_state
 
@@ -205,28 +241,22 @@ def export_eagle3_checkpoint(ckpt_dir, out_dir, include_embeddings: bool = False
                              target_model: Optional[str] = None) -> dict:
     """Convert an ``--algorithm eagle3`` training checkpoint (any TP/DP layout) to an
     engine-format directory, in this process at TP = 1. Returns a summary dict."""
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import parallel_state
 
     from megaspark.export.hf import init_single_process_group
-    from megaspark.models.eagle3.model import Eagle3Draft
     from megaspark.targets.builtin import resolve_target
     from megaspark.targets.hf import load_config_offline
     from megaspark.training.checkpointing import read_state, resolve_checkpoint
 
     ckpt = resolve_checkpoint(str(ckpt_dir))
     saved = read_state(ckpt)
-    e = Eagle3Config.from_dict(saved["dspark_config"])
     args = saved.get("args", {})
-    layer_ids = args.get("target_layer_ids_resolved")
     target = target_model or args.get("target_model")
     target_config = load_config_offline(resolve_target(target)).get_text_config().to_dict() if target else None
     init_single_process_group()
     if parallel_state.get_tensor_model_parallel_world_size() != 1:
         raise ExportError("export_eagle3_checkpoint runs at TP = 1")
-    model = Eagle3Draft(e.transformer_config(1), e, torch.arange(e.draft_vocab_size))
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt)
-    with torch.no_grad():
-        model.load_state_dict(loaded["model"], strict=True)
+    model, e, layer_ids = load_eagle3(ckpt, embedding=None)
     tensors = gather_hf_tensors(model)
     vocab = DraftVocab(model.draft_to_target.cpu().clone(), e.vocab_size)
     export_eagle3(tensors, e, vocab, layer_ids, out_dir, target_config, include_embeddings=include_embeddings)
@@ -235,5 +265,5 @@ def export_eagle3_checkpoint(ckpt_dir, out_dir, include_embeddings: bool = False
                 target=target, include_embeddings=include_embeddings, architecture=ARCHITECTURE)
 
 
-__all__ = ["export_eagle3", "export_eagle3_checkpoint", "is_eagle3_checkpoint", "read_eagle3", "config_to_eagle3", "build_config", "tensor_shapes",
+__all__ = ["export_eagle3", "export_eagle3_checkpoint", "is_eagle3_checkpoint", "is_eagle3", "load_eagle3", "read_eagle3", "config_to_eagle3", "build_config", "tensor_shapes",
            "gather_hf_tensors", "ARCHITECTURE"]

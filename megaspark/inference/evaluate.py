@@ -149,7 +149,8 @@ def evaluate(spec, plain, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
         "settings": {"num_prompts": len(prompts), "max_new_tokens": max_new_tokens,
                      "temperature": temperature, "confidence_threshold": confidence_threshold,
                      "seed": seed, "max_drafts_per_round": spec.draft.max_drafts,
-                     "convention": spec.config.convention, "block_size": spec.config.block_size},
+                     "convention": getattr(spec.config, "convention", None),
+                     "block_size": getattr(spec.config, "block_size", None)},
         "speculative": spec_stats.summary(),
         "samples": samples,
     }
