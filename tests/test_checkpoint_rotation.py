@@ -152,3 +152,45 @@ def test_collective_timeout_names_rank_and_operation():
     with pytest.raises(RuntimeError, match="other failure"):  # not a time-out: unchanged
         with collective_phase("x", 0.5):
             raise RuntimeError("other failure")
+
+
+def test_checkpoint_writer_helper_dies_with_its_rank():
+    """A rank killed on a cluster (SIGKILL) must not leave the checkpoint writer's helper
+    process (a forked multiprocessing manager) running on the node."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import os, time\n"
+            "from megaspark.training.checkpointing import prestart_checkpoint_writer\n"
+            "prestart_checkpoint_writer()\n"
+            "print(os.getpid(), flush=True)\n"
+            "time.sleep(120)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(p.stdout.readline())
+        kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+        assert kids, "the writer's helper process was not started"
+        os.kill(pid, signal.SIGKILL)
+        p.wait(timeout=30)
+        deadline = time.time() + 10
+
+        def alive():
+            out = []
+            for k in kids:
+                try:
+                    with open(f"/proc/{k}/stat") as f:
+                        if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                            out.append(k)
+                except FileNotFoundError:
+                    pass
+            return out
+
+        while alive() and time.time() < deadline:
+            time.sleep(0.1)
+        assert not alive()
+    finally:
+        if p.poll() is None:
+            p.kill()

@@ -53,7 +53,24 @@ def prestart_checkpoint_writer() -> None:
     except ImportError:  # layout differs in other megatron-core releases: keep the default
         return
     if getattr(filesystem_async, "_results_queue", "missing") is None:
-        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
+        from multiprocessing.managers import SyncManager
+
+        manager = SyncManager(ctx=mp.get_context("fork"))
+        manager.start(_die_with_parent)  # a killed rank leaves no orphaned manager behind
+        filesystem_async._results_queue = manager.Queue()
+
+
+def _die_with_parent() -> None:
+    """In a helper process: be killed when the process that started it dies (Linux
+    PR_SET_PDEATHSIG; elsewhere nothing)."""
+    import signal
+
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _barrier():
