@@ -194,3 +194,22 @@ def test_checkpoint_writer_helper_dies_with_its_rank():
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_resume_choice_latest_first_and_a_requeued_run_prefers_its_own_save(tmp_path):
+    from megaspark.training.checkpointing import choose_resume, find_resumable
+
+    run = tmp_path / "run"
+    for it in (2, 4, 6):
+        _real(run, it)
+    (run / "latest").write_text("iter_0000004")  # rolled back by hand: honoured
+    assert find_resumable(str(run))[0] == str(run / "iter_0000004")
+    start = tmp_path / "start"
+    _real(start, 9)
+    args = SimpleNamespace(load=str(start), save=str(run), auto_resume=True)
+    assert choose_resume(args) == str(run / "iter_0000004")  # the run's own checkpoints win
+    assert choose_resume(SimpleNamespace(load=str(start), save=str(tmp_path / "fresh"), auto_resume=True)) \
+        == str(start / "iter_0000009")
+    assert choose_resume(SimpleNamespace(load=None, save=str(run), auto_resume=False)) is None
+    assert choose_resume(SimpleNamespace(load=str(start), save=str(run), auto_resume=False)) \
+        == str(start / "iter_0000009")

@@ -228,6 +228,7 @@ def load_eagle3(path, embedding: torch.Tensor, lm_head: Optional[torch.Tensor] =
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, ckpt)
     with torch.no_grad():
         model.load_state_dict(loaded["model"], strict=True)
+    model.set_draft_vocab(model.draft_to_target)
     return model.eval(), e, (saved.get("args") or {}).get("target_layer_ids_resolved")
 
 

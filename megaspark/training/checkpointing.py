@@ -153,7 +153,8 @@ def checkpoint_names(root: str) -> list:
 
 def find_resumable(root: str, checksums: bool = True) -> tuple:
     """``(path of the newest intact checkpoint under root or None, [problems of newer
-    ones])``. A ``root`` that is itself a checkpoint directory must be intact."""
+    ones])``: the one ``latest`` names, else (damaged) the next older ones. A ``root`` that
+    is itself a checkpoint directory must be intact."""
     if os.path.isfile(os.path.join(root, STATE_FILE)) or _ITER_RE.match(os.path.basename(os.path.normpath(root))):
         problem = verify_checkpoint(root, checksums)
         if problem:
@@ -161,7 +162,14 @@ def find_resumable(root: str, checksums: bool = True) -> tuple:
                                   "back to an earlier checkpoint")
         return root, []
     problems = []
-    for name in checkpoint_names(root):
+    names = checkpoint_names(root)
+    pointer = os.path.join(root, "latest")
+    if os.path.isfile(pointer):  # what `latest` names first (a manual rollback is honoured)
+        with open(pointer) as f:
+            latest = f.read().strip()
+        if latest in names:
+            names = [latest] + [n for n in names if n < latest]
+    for name in names:
         path = os.path.join(root, name)
         problem = verify_checkpoint(path, checksums)
         if problem is None:
@@ -176,32 +184,45 @@ def choose_resume(args) -> Optional[str]:
     unless ``--no-auto-resume``, the newest intact checkpoint in ``--save``. Corrupt or
     incomplete newer checkpoints are reported; a ``--load`` with nothing intact is an
     error."""
-    source = args.load or (args.save if getattr(args, "auto_resume", True) else None)
-    if source is None:
-        return None
-    result = [None, [], None]
-    if torch.distributed.get_rank() == 0:
+    load, save = getattr(args, "load", None), getattr(args, "save", None)
+    auto = getattr(args, "auto_resume", True)
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    result = [None, [], None, None]  # path, problems, error, note
+    if rank0:
         try:
-            path, problems = find_resumable(source)
-            result = [path, problems, None]
+            path, problems, note = None, [], None
+            if auto and save and os.path.abspath(save) != os.path.abspath(load or ""):
+                # a requeued run goes on from its own checkpoints, whatever it started from
+                path, problems = find_resumable(save)
+                if path and load:
+                    note = f"--load {load} skipped: --save holds this run's checkpoints"
+            if path is None and load:
+                path, more = find_resumable(load)
+                problems += more
+            elif path is None and auto and save:
+                path, problems = find_resumable(save)
+            result = [path, problems, None, note]
         except CheckpointError as e:
-            result = [None, [], str(e)]
+            result = [None, [], str(e), None]
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it, not wait
+            result = [None, [], f"checking the checkpoints failed on rank 0: {type(e).__name__}: {e}", None]
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.broadcast_object_list(result, src=0)
-    path, problems, error = result
+    path, problems, error, note = result
     if error:
         raise CheckpointError(error)
-    rank0 = torch.distributed.get_rank() == 0
     for p in problems:
         if rank0:
             print(f"megaspark: checkpoint not usable, skipped: {p}", flush=True)
     if path is None:
-        if args.load:
-            raise CheckpointError(f"--load {args.load}: no intact megaspark checkpoint there"
+        if load:
+            raise CheckpointError(f"--load {load}: no intact megaspark checkpoint there"
                                   + (f" ({len(problems)} damaged)" if problems else ""))
         return None
     if rank0:
-        how = "--load" if args.load else "auto-resume (--no-auto-resume starts afresh)"
+        if note:
+            print(f"megaspark: {note}", flush=True)
+        how = "--load" if load and not note else "auto-resume (--no-auto-resume starts afresh)"
         print(f"megaspark: {how}: resuming from {path}"
               + (" (the newest intact checkpoint)" if problems else ""), flush=True)
     return path
@@ -322,14 +343,17 @@ class Checkpointer:
         self._raise_if_failed(error, name, tmp)
         fault("save-rename", it)
         if rank == 0:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            atomic_write_text(os.path.join(root, "latest"), name)
-            if self._best_pending == it:
-                atomic_write_text(os.path.join(root, "best"), name)
-            self._rotate(root)
-            print(f"saved checkpoint {final}", flush=True)
-        _barrier()
+            try:
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+                atomic_write_text(os.path.join(root, "latest"), name)
+                if self._best_pending == it:
+                    atomic_write_text(os.path.join(root, "best"), name)
+                self._rotate(root)
+                print(f"saved checkpoint {final}", flush=True)
+            except Exception as e:  # noqa: BLE001
+                error = f"{type(e).__name__}: {e}"
+        self._raise_if_failed(error, name, tmp)
         return final
 
     def _state(self, trainer) -> dict:
@@ -363,7 +387,10 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
         _barrier()
         pointer = os.path.join(self.args.save, "latest")
-        previous = open(pointer).read().strip() if os.path.isfile(pointer) else None
+        previous = None
+        if os.path.isfile(pointer):
+            with open(pointer) as f:
+                previous = f.read().strip()
         kept = (f"{os.path.join(self.args.save, previous)} ('latest') is intact and a restart resumes from it"
                 if previous else "no earlier checkpoint exists; a restart begins afresh")
         r, e = failed[0]
@@ -399,7 +426,11 @@ class Checkpointer:
                 + " --use-distributed-optimizer; resume with the same setting (the parallel "
                 "layout itself may change)"
             )
-        theirs = type(self.dcfg).from_dict(state["dspark_config"]).shape_signature()
+        try:
+            theirs = type(self.dcfg).from_dict(state["dspark_config"]).shape_signature()
+        except (TypeError, KeyError) as e:
+            raise CheckpointError(f"--load checkpoint is of another algorithm or draft family "
+                                  f"({type(e).__name__}: {e})") from e
         ours = self.dcfg.shape_signature()
         diff = {k: (theirs[k], ours[k]) for k in ours if theirs.get(k) != ours[k]}
         if diff:

@@ -49,7 +49,9 @@ def eagle3_config(args, hf_config) -> Eagle3Config:
 def build_draft(args, e: Eagle3Config, draft_to_target, target_info) -> Eagle3Draft:
     from megaspark import platform
 
-    model = Eagle3Draft(e.transformer_config(args.tensor_model_parallel_size), e, draft_to_target, seed=args.seed)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model = Eagle3Draft(e.transformer_config(args.tensor_model_parallel_size, params_dtype=dtype), e,
+                        draft_to_target, seed=args.seed)
     model.load_target_weights(target_info)
     return model.to(platform.compute_device())
 
@@ -167,11 +169,16 @@ def run(args, hf_config):
     args.target_tp_resolved = 1
     target_info, target = load_target(args, build=computes_target(1))
     meta, train_data, valid_data = open_datasets(args, target_info, hf_config, e.vocab_size)
-    ids = [None]
+    ids = [None, None]
     if torch.distributed.get_rank() == 0:
-        counts = supervised_token_counts(args.data_path, e.vocab_size)
-        ids = [select_draft_vocab(counts, e.draft_vocab_size).draft_to_target]
+        try:
+            counts = supervised_token_counts(args.data_path, e.vocab_size)
+            ids = [select_draft_vocab(counts, e.draft_vocab_size).draft_to_target, None]
+        except Exception as err:  # noqa: BLE001 - every rank must hear of it, not wait
+            ids = [None, f"choosing the draft vocabulary from {args.data_path} failed: {err}"]
     torch.distributed.broadcast_object_list(ids, src=0)
+    if ids[1] is not None:
+        raise ValueError(ids[1])
     model = build_draft(args, e, ids[0], target_info)
     checkpointer = Checkpointer(args, e, target_info.fingerprint())
     resume = choose_resume(args)
@@ -183,6 +190,7 @@ def run(args, hf_config):
                             pad_id=train_data.pad_id)
     if resume:
         checkpointer.load(trainer, resume)
+        model.set_draft_vocab(model.draft_to_target)  # the checkpoint's vocabulary rules
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log0(f"megaspark: target {args.target_model} ({hf_config.model_type}, {hf_config.num_hidden_layers} layers, "
           f"taps {args.target_layer_ids_resolved}) | eagle3: H {e.hidden_size}, heads {e.num_attention_heads}/"

@@ -111,6 +111,9 @@ def pretrain(model_provider, forward_step, argv=None):
     started = time.time()
     args = parse_args(argv)
     args.start_time = started  # --exit-duration-in-mins counts from here
+    from megaspark.training.resilience import install_early
+
+    install_early(args)  # an exit signal during start-up is kept for the first step
 
     # --- cheap checks that need only the target's config.json, before any weights ---
     target_path = resolve_target(args.target_model) if not args.target_model.startswith("builtin:") else None

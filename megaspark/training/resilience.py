@@ -5,8 +5,8 @@ Every decision that changes what a rank does next — skip this step, stop, save
 is taken from one small all-reduce (MAX over the whole world) per training step, after
 the backward and before the optimizer: ``[non-finite here, signal received here, wall
 clock spent here]``. All ranks therefore skip, stop or save in the same step; no rank goes
-on alone. The all-reduce is the step's only extra collective; its host read-back is the
-one the step's metrics already take.
+on alone. Its cost per step: that all-reduce, one host read-back of its three values, and
+one norm over the gradients (the non-finite check).
 """
 from __future__ import annotations
 
@@ -38,12 +38,30 @@ class Decision:
     exit_reason: Optional[str] = None  # "signal SIGTERM" / "--exit-duration-in-mins 30"
 
 
+#: a signal that arrived before the training loop took over (see :func:`install_early`)
+_EARLY_SIGNAL: Optional[int] = None
+
+
+def _early_handler(signum, _frame) -> None:
+    global _EARLY_SIGNAL
+    _EARLY_SIGNAL = signum
+
+
+def install_early(args) -> None:
+    """With ``--exit-signal-handler``, from the start of the job: an exit signal during
+    start-up is remembered (the run then saves and exits after its first step) instead of
+    killing the rank."""
+    if getattr(args, "exit_signal_handler", False):
+        for sig in EXIT_SIGNALS:
+            signal.signal(sig, _early_handler)
+
+
 class StepControl:
     """The per-step decision of every rank (see the module docstring)."""
 
     def __init__(self, args, device: torch.device):
         self.device = device
-        self.received: Optional[int] = None
+        self.received: Optional[int] = _EARLY_SIGNAL
         self.exit_minutes = getattr(args, "exit_duration_in_mins", None)
         # the budget counts from the start of the job's process (start-up included), as a
         # scheduler's time limit does
@@ -58,10 +76,11 @@ class StepControl:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, _frame) -> None:
-        if self.received is None:
-            print(f"rank {_rank()}: received {signal.Signals(signum).name}: finishing this step, "
-                  f"then saving and exiting", flush=True)
-        self.received = signum
+        first = self.received is None
+        self.received = signum  # first: nothing below may keep the flag from being set
+        if first:  # os.write: a print here could re-enter a print the main thread is in
+            os.write(1, f"rank {_rank()}: received {signal.Signals(signum).name}: finishing this "
+                        f"step, then saving and exiting\n".encode())
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -73,9 +92,10 @@ class StepControl:
         all-reduce)."""
         over_time = (self.exit_minutes is not None
                      and time.time() - self.started >= 60.0 * self.exit_minutes)
-        flags = torch.stack([nonfinite_here.to(torch.float32).reshape(()),
-                             torch.tensor(float(self.received or 0), device=self.device),
-                             torch.tensor(float(over_time), device=self.device)])
+        here = nonfinite_here.to(torch.float32).reshape(())
+        # new_full: host scalars written on the device without a host-to-device copy
+        flags = torch.stack([here, here.new_full((), float(self.received or 0)),
+                             here.new_full((), float(over_time))])
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         nonfinite, sig, late = flags.tolist()
@@ -124,7 +144,10 @@ def collective_phase(name: str, timeout_minutes: Optional[float]):
         yield
     except RuntimeError as e:
         text = str(e).lower()
-        if isinstance(e, CollectiveTimeoutError) or not any(w in text for w in _TIMEOUT_WORDS):
+        # only torch.distributed's own errors (gloo raises a plain RuntimeError): megaspark's
+        # errors (a target server's time-out, ...) are not about another rank
+        torch_error = type(e) is RuntimeError or isinstance(e, getattr(torch.distributed, "DistError", ()))
+        if not torch_error or not any(w in text for w in _TIMEOUT_WORDS):
             raise
         limit = "" if timeout_minutes is None else f" after --distributed-timeout-minutes {timeout_minutes:g}"
         raise CollectiveTimeoutError(
@@ -180,7 +203,7 @@ def poisoned(inputs, iteration: int):
               for p in spec if len(p) >= 3)
     for k, item in enumerate(inputs):
         if hit and k == 0:
-            for name in ("context_features", "target_hidden"):
+            for name in ("context_features", "target_hidden", "aux"):
                 t = getattr(item, name, None)
                 if t is not None:
                     t = t.clone()

@@ -78,6 +78,8 @@ def open_datasets(args, target_info, hf_config, vocab_size: int):
             verified = [verify_prepared(args.data_path, meta, args.data_verify), None]
         except DataError as e:
             verified = [None, str(e)]
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it, not wait
+            verified = [None, f"{args.data_path}: checking the dataset failed ({type(e).__name__}: {e})"]
     torch.distributed.broadcast_object_list(verified, src=0)
     if verified[1] is not None:
         raise DataError(verified[1])

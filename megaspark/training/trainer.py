@@ -337,6 +337,7 @@ class Trainer:
             return self._train(checkpointer)
         finally:
             self.control.restore()
+            self.logger.close()  # also when a step or a save raised
 
     def _save(self, checkpointer) -> None:
         timeout = getattr(self.args, "distributed_timeout_minutes", None)

@@ -84,6 +84,8 @@ class Eagle3Config:
         return {k: getattr(self, k) for k in keys}
 
     def transformer_config(self, tensor_model_parallel_size: int = 1, params_dtype=torch.float32):
+        """``params_dtype`` bf16: bf16 weights and activations (megatron's mixed-precision
+        optimizer keeps fp32 masters); the softmaxes and losses run in fp32."""
         from megatron.core.transformer import TransformerConfig
 
         def init(t):
@@ -95,7 +97,7 @@ class Eagle3Config:
             ffn_hidden_size=self.ffn_hidden_size, add_bias_linear=False, hidden_dropout=0.0,
             attention_dropout=0.0, init_method=init, output_layer_init_method=init,
             init_method_std=self.init_std, tensor_model_parallel_size=tensor_model_parallel_size,
-            params_dtype=params_dtype, use_cpu_initialization=True, gradient_accumulation_fusion=False,
+            params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16, use_cpu_initialization=True, gradient_accumulation_fusion=False,
             bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         )
 
@@ -230,10 +232,18 @@ class Eagle3Draft(MegatronModule):
         ids = torch.as_tensor(draft_to_target, dtype=torch.int64)
         if ids.numel() != N:
             raise ValueError(f"draft_to_target has {ids.numel()} entries for a draft vocabulary of {N}")
-        t2d = torch.zeros(V, dtype=torch.bool)
-        t2d[ids] = True
         self.register_buffer("draft_to_target", ids)  # checkpointed: the export's d2t
-        self.register_buffer("t2d", t2d, persistent=False)
+        self.register_buffer("t2d", torch.zeros(V, dtype=torch.bool), persistent=False)
+        self.set_draft_vocab(ids)
+
+    @torch.no_grad()
+    def set_draft_vocab(self, draft_to_target: torch.Tensor) -> None:
+        """The draft vocabulary (increasing target ids) and its mask over the target's
+        (call after loading a checkpoint, whose ``draft_to_target`` rules)."""
+        ids = torch.as_tensor(draft_to_target, dtype=torch.int64, device=self.draft_to_target.device)
+        self.draft_to_target.copy_(ids)
+        self.t2d.zero_()
+        self.t2d[ids.to(self.t2d.device)] = True
 
     @torch.no_grad()
     def load_target_weights(self, source) -> None:
@@ -285,7 +295,7 @@ class Eagle3Draft(MegatronModule):
         TTT step (step t at position p reads the token x_{p+1+t})."""
         e = self.eagle3_config
         S, b, _ = aux.shape
-        g, _ = self.fc(aux)
+        g, _ = self.fc(aux.to(self.fc.weight.dtype))  # features arrive in the target's dtype
         pos = torch.arange(S, device=aux.device)[None].expand(b, S)
         cos, sin = rope_cos_sin(pos, self.head_dim, e.rope_theta)
         ids = input_ids.t()  # [S, b]
@@ -306,6 +316,7 @@ class Eagle3Draft(MegatronModule):
         vocabulary (full-vocabulary argmax, vocab-parallel), the soft labels (this rank's
         shard of the draft vocabulary) and their argmax. target_last_hidden [S, b, H]."""
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        target_last_hidden = target_last_hidden.to(self.target_head.weight.dtype)
         full, _ = self.target_head(target_last_hidden)  # [S, b, V/tp]
         top = _vp_argmax(full.float(), tp_rank * self.target_head.weight.shape[0])
         del full
