@@ -189,9 +189,25 @@ class Suite:
         self.row(case, "restart to the end", "resumes, exit 0", f"exit {rc}", rc == 0 and "resuming from" in out)
         return self.same_as_baseline(case, save)
 
+    def resume_point(self, save: Path) -> int:
+        """The iteration a restart resumes from: the newest checkpoint that verifies (0: none)."""
+        done = [int(d.name[5:]) for d in save.glob("iter_*") if d.name[5:].isdigit()
+                and verify_checkpoint(str(d)) is None] if save.is_dir() else []
+        return max(done, default=0)
+
+    def signal_step(self, save: Path, launches_left: int) -> int:
+        """A random step for a signal in the next launch: after the iteration it resumes from
+        (a step already done is never logged again, so the signal would land late), and early
+        enough to leave each later launch two iterations (the signal lands during the step
+        after the logged one, which is where the run stops)."""
+        lo = self.resume_point(save) + 1
+        hi = max(lo, self.iters - 2 * launches_left)
+        return self.rng.randint(lo, hi)
+
     def case_sigterm(self) -> None:
         save, log = self.work / "sigterm", self.work / "sigterm.jsonl"
-        for step in sorted(self.rng.sample(range(1, self.iters - 2), self.args.points)):
+        for i in range(self.args.points):
+            step = self.signal_step(save, self.args.points - i)
             rank = self.rng.randrange(self.args.nproc)
             rc, out, err, _ = self.launch(self.flags(save, log, "--exit-signal-handler"),
                                           signal_at=(step, rank, signal.SIGTERM))
@@ -218,7 +234,8 @@ class Suite:
             where = self.rng.choice(KILL_POINTS[1:] if it % 2 == 0 else KILL_POINTS[:1])
             if where == "save-manifest":  # rank 0 writes the manifest
                 rank = 0
-            if where == "step" and self.rng.random() < 0.5:  # from outside, at whatever point it lands
+            # from outside, at whatever point it lands (not in the last step: the run could end first)
+            if where == "step" and it < self.iters - 1 and self.rng.random() < 0.5:
                 label = f"SIGKILL from outside at step {it}, rank {rank}"
                 rc, out, err, _ = self.launch(self.flags(save, log, "--exit-signal-handler"),
                                               signal_at=(it, rank, signal.SIGKILL))
@@ -250,9 +267,10 @@ class Suite:
 
     def case_truncate(self) -> None:
         save, log = self.work / "truncate", self.work / "truncate.jsonl"
-        steps = sorted(self.rng.sample(range(3, self.iters - 1), self.args.points))
         damaged = None  # (checkpoint, file, how) damaged after the previous launch
-        for step in steps + [None]:
+        for i in range(self.args.points + 1):
+            # the first stop leaves two checkpoints, so the damaged newest has one to fall back to
+            step = None if i == self.args.points else max(3, self.signal_step(save, self.args.points - i))
             flags = self.flags(save, log, "--exit-signal-handler")
             signal_at = None if step is None else (step, self.rng.randrange(self.args.nproc), signal.SIGTERM)
             rc, out, err, _ = self.launch(flags, signal_at=signal_at)
