@@ -117,10 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-eval-mask-truncation", dest="truncate_eval_mask", action="store_false",
                    default=None, help="do not drop slots after the first unsupervised label "
                    "(dflash-original does not truncate)")
-    g.add_argument("--draft-attention-backend", default="auto", choices=["auto", "structured", "flex", "dense"],
+    g.add_argument("--draft-attention-backend", default="auto",
+                   choices=["auto", "sdpa", "structured", "flex", "dense"],
                    help="block attention kernel: flex (FlexAttention with a block mask from the "
-                   "anchors, in the run's dtype), structured (per-block context prefixes, no mask), "
-                   "dense (the literal mask; reference); auto = flex on a GPU, structured on the CPU")
+                   "anchors, in the run's dtype), sdpa (scaled_dot_product_attention per chunk of "
+                   "blocks with a small mask), structured (per-block context prefixes, no mask), "
+                   "dense (the literal mask; reference); auto = flex on a GPU, sdpa on the CPU")
+    g.add_argument("--attention-chunk-blocks", type=int, default=16,
+                   help="blocks per call of the sdpa / structured attention kernels (bounds the "
+                   "attention's temporaries; each chunk's context is cut at its longest prefix)")
     g.add_argument("--loss-chunk-rows", type=int, default=512,
                    help="rows per chunk of the vocab-parallel loss (bounds peak memory)")
 

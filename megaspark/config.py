@@ -31,7 +31,7 @@ SUPPORTED_FAMILIES = {
 MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
 CONVENTIONS = ("S", "D")
-ATTENTION_BACKENDS = ("auto", "structured", "flex", "dense")
+ATTENTION_BACKENDS = ("auto", "sdpa", "structured", "flex", "dense")
 ATTENTION_TYPES = ("gqa", "mla")
 TRAINING_MODES = ("standard", "vp_drafter")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
@@ -100,8 +100,8 @@ class DSparkConfig:
     # attention_factor (cos/sin multiplier), truncate. None: no YaRN.
     rope_yarn: Optional[dict] = None
     # ---- implementation ----
-    attention_backend: str = "auto"  # auto: flex on CUDA, structured elsewhere
-    attention_chunk_blocks: int = 64
+    attention_backend: str = "auto"  # auto: flex on CUDA, sdpa elsewhere
+    attention_chunk_blocks: int = 16  # blocks per sdpa / structured kernel call
     loss_chunk_rows: int = 1024
     init_std: float = 0.02
 

@@ -29,6 +29,13 @@ Two implementations of the same numbers:
   ``[2, V/tp, r]`` fp32). The LM head must be frozen. The model passes ``combine = (α_ce,
   α_l1)``: the only differentiable output is then α_ce·Σω·ce + α_l1·Σω·l1, the two
   gradients are combined per chunk and the gradient GEMMs run once (buffers ``[1, …]``).
+  The model also passes its supervised rows sorted by (sample, target position) with their
+  :class:`RowGroups`: overlapping blocks score the same position several times, so the
+  target's logits and softmax are formed once per group, and for the vanilla Markov head
+  (whose feature W1[prev] the group shares) so are the bias ``f·W2ᵀ`` and the two gradient
+  products, on the group's summed ``dZ``; only the draft's logits and ``dh`` stay per row
+  (a third fewer GEMM rows in the loss at S = 512, 64 anchors, B = 7). That path keeps the
+  signs of ``p_t − p_d`` in an int8 ``[chunk, V/tp]`` buffer between its two passes.
 * :func:`vocab_parallel_ce_l1`: per-row differentiable CE and L1 by plain autograd, each
   chunk under activation checkpointing (any upstream gradient, e.g. per-row weights applied
   later; kept as the general form and as the benchmark/test comparison).
@@ -217,7 +224,7 @@ def _logits_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, accum
 
 def _fused_chunks(h, feat, w2, lm_head, labels, weights, target_hidden, vocab_start: int, group,
                   chunk_rows: int, need_l1: bool, want_dh: bool, want_dfeat: bool, want_dw2: bool,
-                  combine=None):
+                  combine=None, groups: Optional[RowGroups] = None, feat_grouped: bool = False):
     """The chunk loop of :func:`vocab_parallel_ce_l1_sums` (no autograd here).
 
     Returns (ce [R], l1 [R], dh [K, R, H], dfeat [K, R, r], dw2 [K, V/tp, r]) in fp32, K = 2
@@ -226,21 +233,34 @@ def _fused_chunks(h, feat, w2, lm_head, labels, weights, target_hidden, vocab_st
     into the backward's coefficient; it saves a pass over [chunk, V/tp]). The loop's bounds
     are host ints and nothing here reads device data on the host (torch.compile traces it
     whole: every ``out=`` is contiguous).
+
+    ``groups`` (:class:`RowGroups`; only with ``combine`` or without gradients):
+    ``target_hidden`` is then per group ([U, H]), and with ``feat_grouped`` so is ``feat``
+    ([U, r]; ``dfeat`` is then [1, U, r]).
     """
     R, V_l = h.shape[0], lm_head.shape[0]
     K = 2 if need_l1 and combine is None else 1  # gradient sets: one when α-combined
+    if groups is not None and K != 1 and (want_dh or want_dfeat or want_dw2):
+        raise ValueError("grouped rows need the α-combined gradients (combine)")
     f32, dev = torch.float32, h.device
     out = dict(
         ce=torch.zeros(R, dtype=f32, device=dev),
         l1=torch.zeros(R, dtype=f32, device=dev),
         dh=torch.empty(K, R, h.shape[1], dtype=f32, device=dev) if want_dh else None,
-        dfeat=torch.empty(K, R, feat.shape[1], dtype=f32, device=dev) if want_dfeat else None,
+        # grouped features: a group split over two chunks accumulates from both
+        dfeat=((torch.zeros if feat_grouped else torch.empty)(K, feat.shape[0], feat.shape[1], dtype=f32,
+                                                             device=dev) if want_dfeat else None),
         dw2=torch.zeros(K, V_l, w2.shape[1], dtype=f32, device=dev) if want_dw2 else None,
     )
     for start in range(0, R, chunk_rows):
         # one function call per chunk: its [K, c, V/tp] buffer is freed before the next one
-        _fused_chunk(slice(start, min(start + chunk_rows, R)), out, h, feat, w2, lm_head, labels,
-                     weights, target_hidden, vocab_start, group, need_l1, combine)
+        sl = slice(start, min(start + chunk_rows, R))
+        if groups is None:
+            _fused_chunk(sl, out, h, feat, w2, lm_head, labels, weights, target_hidden, vocab_start, group,
+                         need_l1, combine)
+        else:
+            _fused_chunk_grouped(sl, out, h, feat, w2, lm_head, labels, weights, target_hidden, vocab_start,
+                                 group, need_l1, combine, groups, feat_grouped)
     return out["ce"], out["l1"], out["dh"], out["dfeat"], out["dw2"]
 
 
@@ -329,6 +349,108 @@ def _fused_chunk(sl, out, h, feat, w2, lm_head, labels, weights, target_hidden, 
         del g  # before the next slice's copy is made
 
 
+_SIGN_BLOCK = 2048  # vocabulary columns per step of the grouped chunk's L1 / gradient loops
+
+
+def _fused_chunk_grouped(sl, out, h, feat, w2, lm_head, labels, weights, target_u, vocab_start, group,
+                         need_l1, combine, groups: RowGroups, feat_grouped: bool):
+    """One chunk of rows sorted by group (:class:`RowGroups`), α-combined gradients only.
+
+    [c, V/tp]-sized tensors: the draft's logits → p_d → the combined dZ (fp32), one fp32
+    buffer whose first n rows (n = the chunk's groups) hold the groups' Markov bias, then
+    their target probabilities, then their summed dZ, and an int8 sign(p_t − p_d); the rest
+    is by blocks of ``_SIGN_BLOCK`` columns. Same collectives as :func:`_fused_chunk`."""
+    dh, dfeat, dw2 = out["dh"], out["dfeat"], out["dw2"]
+    grads = dh is not None or dfeat is not None or dw2 is not None
+    V_l, f32, dev = lm_head.shape[0], torch.float32, h.device
+    c = sl.stop - sl.start
+    u0, u1 = groups.span(sl.start, sl.stop)
+    n = u1 - u0
+    local = groups.index[sl] - u0  # each row's group within the chunk
+    z = torch.empty(c, V_l, dtype=f32, device=dev)
+    per_group = feat is not None and feat_grouped
+    gbuf = torch.empty(c, V_l, dtype=f32, device=dev) if (need_l1 or per_group) else None
+    if per_group:  # the groups' Markov bias, copied to their rows, then + h·W_lmᵀ
+        _logits_into(gbuf[:n], feat[u0:u1], w2)
+        torch.index_select(gbuf[:n], 0, local, out=z)
+        _logits_into(z, h[sl], lm_head, accumulate=True)
+    else:
+        _logits_into(z, h[sl], lm_head)
+        if feat is not None:
+            _logits_into(z, feat[sl], w2, accumulate=True)
+    m = z.amax(dim=-1)
+    if need_l1:
+        t = gbuf[:n]
+        _logits_into(t, target_u[u0:u1], lm_head)
+        m = torch.cat([m, t.amax(dim=-1)])
+    _all_reduce_max_(m, group)
+    lab = labels[sl] - vocab_start
+    in_shard = (lab >= 0) & (lab < V_l)
+    idx = lab.clamp(0, V_l - 1)[:, None]
+    picked = z.gather(1, idx).squeeze(1)
+    picked = torch.where(in_shard, picked, torch.zeros_like(picked))
+    z.sub_(m[:c, None]).exp_()
+    stats = [z.sum(dim=-1), picked]
+    if need_l1:
+        t.sub_(m[c:, None]).exp_()
+        stats.append(t.sum(dim=-1))
+    stats = _all_reduce_sum_(torch.cat(stats), group)
+    out["ce"][sl] = m[:c] + torch.log(stats[:c]) - stats[c:2 * c]
+    p = z.div_(stats[:c, None])  # p_d
+    sign = None
+    if need_l1:
+        t.div_(stats[2 * c:, None])  # the groups' p_t
+        red = torch.zeros(2 if grads else 1, c, dtype=f32, device=dev)
+        sign = torch.empty(c, V_l, dtype=torch.int8, device=dev) if grads else None
+        for j in range(0, V_l, _SIGN_BLOCK):
+            cols = slice(j, j + _SIGN_BLOCK)
+            d = t[:, cols].index_select(0, local).sub_(p[:, cols])  # p_t − p_d
+            red[0] += d.abs().sum(dim=-1)
+            if grads:
+                d.sign_()  # s' = −sign(p_d − p_t) (0 where equal, as autograd's abs)
+                red[1] += (d * p[:, cols]).sum(dim=-1)
+                sign[:, cols] = d
+        red = _all_reduce_sum_(red, group)
+        out["l1"][sl] = red[0]
+    if not grads:
+        return
+    a_ce, a_l1 = combine
+    w_c = weights[sl]
+    if need_l1:
+        # dZ = ω·p_d·(α_ce − α_l1·(s' − Σ s'·p_d)) − α_ce·ω·onehot  (dl1/dz = −p_d·(s' − Σ s'·p_d))
+        for j in range(0, V_l, _SIGN_BLOCK):
+            cols = slice(j, j + _SIGN_BLOCK)
+            coef = sign[:, cols].to(f32).sub_(red[1, :, None]).mul_(-a_l1).add_(a_ce).mul_(w_c[:, None])
+            p[:, cols].mul_(coef)
+        del sign
+    else:
+        p.mul_((a_ce * w_c)[:, None])
+    p.scatter_add_(1, idx, -(a_ce * w_c * in_shard)[:, None])
+    g = p.to(lm_head.dtype)
+    if dh is not None:
+        _mm_into(dh[0, sl], g, lm_head)
+    if w2 is None or (dfeat is None and dw2 is None):
+        return
+    if per_group:  # Σ of the group's rows' dZ, then the two products once per group
+        gsum = gbuf[:n].zero_().index_add_(0, local, p)
+        g, fc = gsum.to(w2.dtype), feat[u0:u1].to(w2.dtype)
+        if dfeat is not None:
+            if w2.dtype == f32:
+                dfeat[0, u0:u1].addmm_(g, w2)
+            else:
+                dfeat[0, u0:u1].add_((g @ w2).float())
+    else:
+        g, fc = p.to(w2.dtype), feat[sl].to(w2.dtype)
+        if dfeat is not None:
+            _mm_into(dfeat[0, sl], g, w2)
+    if dw2 is not None:
+        if w2.dtype == f32:
+            dw2[0].addmm_(g.t(), fc)
+        else:
+            for j in range(0, V_l, _COLUMN_BLOCK):
+                dw2[0, j:j + _COLUMN_BLOCK].add_(g[:, j:j + _COLUMN_BLOCK].t() @ fc)
+
+
 class _FusedCEL1Sums(torch.autograd.Function):
     """(objective, Σω·ce, Σω·l1, ce [R], l1 [R]) with gradients w.r.t. h, feat and w2
     (rank-local partial gradients: h and feat come through copy_to_tp, whose backward
@@ -339,10 +461,10 @@ class _FusedCEL1Sums(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, feat, w2, lm_head, labels, weights, target_hidden, opts):
-        vocab_start, group, chunk_rows, need_l1, want, combine = opts
+        vocab_start, group, chunk_rows, need_l1, want, combine, groups, feat_grouped = opts
         ce, l1, dh, dfeat, dw2 = _fused_chunks(h, feat, w2, lm_head, labels, weights, target_hidden,
                                                vocab_start, group, chunk_rows, need_l1, *want,
-                                               combine=combine)
+                                               combine=combine, groups=groups, feat_grouped=feat_grouped)
         ce_sum, l1_sum = (weights * ce).sum(), (weights * l1).sum()
         if combine is None:
             objective = ce_sum.new_zeros(())
@@ -384,6 +506,8 @@ def vocab_parallel_ce_l1_sums(
     chunk_rows: int = 512,
     need_l1: Optional[bool] = None,
     combine: Optional[tuple] = None,
+    groups: Optional[RowGroups] = None,
+    feat_by_prev: bool = False,
 ):
     """Fused weighted CE and L1 sums with a hand-derived backward (module docstring).
 
@@ -398,6 +522,11 @@ def vocab_parallel_ce_l1_sums(
     With ``combine = (α_ce, α_l1)`` returns (objective, ce_sum, l1_sum, ce, l1) where only
     objective = α_ce·ce_sum + α_l1·l1_sum is differentiable: the two gradients are combined
     in the forward, so the gradient GEMMs run once instead of twice.
+    ``groups``: the rows come sorted by target position (:func:`group_rows`); the target's
+    logits are then formed once per group, and with ``feat_by_prev`` (the Markov feature is a
+    function of the previous token, i.e. the vanilla head, and ``groups.prev_shared``) so are
+    the Markov bias and its gradient products. Used with ``combine`` or without gradients
+    (otherwise ignored). Same results up to the order of floating-point sums.
     Peak extra memory O(chunk_rows · V/tp) plus fp32 gradient buffers [2, R, H], [2, R, r]
     and [2, V/tp, r] (only those whose input requires grad, and only with grad enabled).
     """
@@ -419,12 +548,20 @@ def vocab_parallel_ce_l1_sums(
     weights = weights.detach().float()
     target = target_hidden.detach() if need_l1 else None
     combine = None if combine is None else (float(combine[0]), float(combine[1]))
-    opts = (vocab_start, group, chunk_rows, need_l1, want, combine)
+    if groups is not None and (combine is not None or not any(want)):
+        if target is not None:
+            target = target.index_select(0, groups.first)
+        feat_grouped = feat is not None and feat_by_prev and groups.prev_shared
+        if feat_grouped:  # autograd: the group's gradient reaches its first row's feature
+            feat = feat.index_select(0, groups.first)
+    else:
+        groups, feat_grouped = None, False
+    opts = (vocab_start, group, chunk_rows, need_l1, want, combine, groups, feat_grouped)
     if not any(want):
         ce, l1, *_ = _fused_chunks(h.detach(), None if feat is None else feat.detach(),
                                    None if w2 is None else w2.detach(), lm_head.detach(), labels,
                                    weights, target, vocab_start, group, chunk_rows, need_l1,
-                                   False, False, False)
+                                   False, False, False, groups=groups, feat_grouped=feat_grouped)
         ce_sum, l1_sum = (weights * ce).sum(), (weights * l1).sum()
         if combine is None:
             return ce_sum, l1_sum, ce, l1
@@ -484,6 +621,8 @@ def dspark_loss_sums(
     rows: Optional[torch.Tensor] = None,
     need_l1: Optional[bool] = None,
     alphas: Optional[tuple] = None,
+    groups: Optional[RowGroups] = None,
+    feat_by_prev: bool = False,
 ) -> LossSums:
     """All DSpark loss terms and metrics for one micro-batch.
 
@@ -505,6 +644,10 @@ def dspark_loss_sums(
 
     ``alphas = (α_ce, α_l1)``: combine the CE and L1 gradients in the forward (one set of
     gradient GEMMs instead of two); :meth:`LossSums.loss` must then be called with them.
+
+    ``groups``: ``rows`` sorted by target position with their :class:`RowGroups`
+    (:func:`group_rows`, on the host): the target's logits once per group, and with
+    ``feat_by_prev`` (vanilla Markov head) the Markov bias and its gradients too.
     """
     b, N, B = labels.shape
     eval_mask = eval_mask.bool()
@@ -520,6 +663,7 @@ def dspark_loss_sums(
         flat(h), flat(labels), w_r, lm_head, feat=flat(feat), w2=w2,
         target_hidden=flat(target_hidden) if have_target else None, vocab_start=vocab_start,
         group=group, chunk_rows=chunk_rows, need_l1=have_target, combine=alphas,
+        groups=groups if rows is not None else None, feat_by_prev=feat_by_prev,
     )
     objective = None
     if alphas is not None:
@@ -565,6 +709,59 @@ def supervised_rows(eval_mask: torch.Tensor) -> torch.Tensor:
     """Flat indices of the supervised slots of a [b, N, B] eval mask (host-side helper: call
     it where the mask is still on the CPU, e.g. when the blocks are built)."""
     return eval_mask.reshape(-1).nonzero().squeeze(1)
+
+
+@dataclass
+class RowGroups:
+    """Supervised rows that share a target position, made on the host with the blocks.
+
+    Blocks overlap: at S = 512 with 64 anchors of 7 slots about a third of the supervised
+    rows predict from the same (sample, position) as a row of another block. Their target
+    distribution is the same, and so is their previous token (the vanilla Markov feature
+    ``W1[prev]``). With the rows sorted by that key (``group_rows``), the fused loss forms
+    the target's logits and softmax once per group, and for a Markov feature shared by the
+    group forms its bias ``f·W2ᵀ`` once and its two gradient products on the group's
+    summed ``dZ``. Only the draft's own logits stay per row.
+
+    ``index`` [R]: the group of each row (non-decreasing); ``first`` [U]: the row of each
+    group's first member; ``host_index``: ``index`` as host ints (chunk bounds without
+    reading the device); ``prev_shared``: every row of a group has the same previous token."""
+
+    index: torch.Tensor
+    first: torch.Tensor
+    host_index: tuple
+    prev_shared: bool
+
+    @property
+    def count(self) -> int:
+        return self.first.shape[0]
+
+    def span(self, start: int, stop: int) -> tuple:
+        """(first group, one past the last group) of rows ``start … stop−1``."""
+        return self.host_index[start], self.host_index[stop - 1] + 1
+
+    def to(self, device, non_blocking: bool = False) -> "RowGroups":
+        return RowGroups(self.index.to(device, non_blocking=non_blocking),
+                         self.first.to(device, non_blocking=non_blocking), self.host_index, self.prev_shared)
+
+
+def group_rows(rows: torch.Tensor, keys: torch.Tensor, prev: Optional[torch.Tensor] = None):
+    """Host-side: reorder the supervised ``rows`` (flat slot indices) so that rows with the
+    same ``keys`` (flat [slots], e.g. sample·S + aligned position) are adjacent. Returns
+    (sorted rows, :class:`RowGroups`); ``prev`` (flat [slots]) decides ``prev_shared``.
+    Sums over rows do not depend on their order, and per-row outputs follow ``rows``."""
+    k = keys.reshape(-1)[rows]
+    order = torch.argsort(k, stable=True)
+    rows, k = rows[order], k[order]
+    new = torch.ones_like(k, dtype=torch.bool)
+    new[1:] = k[1:] != k[:-1]
+    index = torch.cumsum(new.long(), 0) - 1
+    first = new.nonzero().squeeze(1)
+    shared = True
+    if prev is not None and rows.numel():
+        p = prev.reshape(-1)[rows]
+        shared = bool((p == p[first][index]).all())
+    return rows, RowGroups(index, first, tuple(index.tolist()), shared)
 
 
 def _from_first_predicted_slot(e, c_star, first_slot):

@@ -297,11 +297,12 @@ def head_activations(d, s: _Shape, loss_rows: int) -> dict:
 
 
 def loss_transient(d, s: _Shape, loss_rows: int) -> int:
-    """Peak of one chunk of the fused loss: the draft and target logits, turned in place into
-    the gradient w.r.t. the logits — two [chunk, V/tp] fp32 — plus, with bf16 weights, a bf16
-    copy of one for the gradient GEMMs."""
+    """Peak of one chunk of the fused loss: the draft logits (turned in place into the
+    gradient w.r.t. the logits) and the row groups' Markov bias / target probabilities /
+    summed gradient — two [chunk, V/tp] fp32 — an int8 sign(p_t − p_d), plus, with bf16
+    weights, a bf16 copy of one for the gradient GEMMs."""
     chunk = min(d.loss_chunk_rows, loss_rows)
-    slices = 2 * _FP32 + (s.a if s.a != _FP32 else 0)
+    slices = 2 * _FP32 + 1 + (s.a if s.a != _FP32 else 0)
     return chunk * (d.vocab_size // s.tp) * slices
 
 

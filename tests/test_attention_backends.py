@@ -8,6 +8,8 @@
   anchor at position 0.
 * ``structured`` sized by the host-known per-block context maxima (no device read-back)
   equals the same kernel reading them from the device, and the dense mask.
+* ``sdpa`` (the CPU default: scaled_dot_product_attention per chunk of blocks) equals the
+  dense mask forward and backward (gradients of q, k, v) in fp32, for every chunk size.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from megaspark.blocks import context_lengths, dense_attention_mask, sample_ancho
 from megaspark.models.dspark.attention import (
     dense_mask_attention,
     flex_block_attention,
+    sdpa_block_attention,
     structured_attention_with_keep,
 )
 
@@ -73,3 +76,30 @@ def test_flex_backward_is_refused_on_this_cpu():
     q.requires_grad_(True)
     with pytest.raises(NotImplementedError, match="backward on CPU"):
         flex_block_attention(q, k, v, context_lengths(anchors, keep), keep, B, S)
+
+
+@pytest.mark.parametrize("shape", [dict(nkv=2, g=2), dict(nkv=3, g=1, hd=24, hd_v=16)], ids=["gqa", "mla"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sdpa_equals_the_dense_mask_forward_and_backward(shape, seed):
+    q, k, v, anchors, keep, S, B = _case(seed, **shape)
+    assert not bool(keep[1].all())
+    lengths = context_lengths(anchors, keep)
+    allowed = dense_attention_mask(anchors, keep, S, B)
+    grad_out = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=torch.Generator().manual_seed(seed + 9))
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(grad_out)
+        return out.detach(), [t.grad for t in leaves]
+
+    ref, ref_grads = run(lambda q, k, v: dense_mask_attention(q, k, v, allowed, scale=0.3))
+    host_max = tuple(lengths.amax(0).tolist())
+    for chunk in (1, 4, 64):
+        for block_max in (None, host_max):
+            out, grads = run(lambda q, k, v: sdpa_block_attention(q, k, v, lengths, keep, B, S, chunk, scale=0.3,
+                                                                  block_context_max=block_max))
+            assert out.dtype == q.dtype
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+            for g, rg in zip(grads, ref_grads):
+                torch.testing.assert_close(g, rg, atol=1e-5, rtol=1e-5)

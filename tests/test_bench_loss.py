@@ -1,5 +1,5 @@
-"""Smoke test of tools/bench_loss.py at --quick sizes: it runs, the fused and the previous
-(checkpointed) loss agree with the naive one and structured attention with dense, and it
+"""Smoke test of tools/bench_loss.py at --quick sizes: it runs, the fused (ungrouped and
+grouped) and the previous (checkpointed) loss agree with the naive one and structured attention with dense, and it
 prints the ratio lines (their values are not checked: tiny sizes measure overhead)."""
 import json
 import os
@@ -13,6 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "bench_loss.py")
 RATIO_LINES = [
     "loss  peak memory  fused/naive",
+    "loss  peak memory  grouped/naive",
     "loss  peak memory  chunked/naive",
     "loss  peak memory  fused/chunked",
     "loss  peak RSS  fused/naive",
@@ -35,18 +36,18 @@ def test_bench_loss_quick(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for line in RATIO_LINES:
         assert re.search(rf"^{re.escape(line)} = \d+\.\d+", proc.stdout, re.M), (line, proc.stdout)
-    for form in ("fused", "chunked"):
+    for form in ("fused", "grouped", "chunked"):
         assert re.search(rf"^loss  check {form} vs naive .*-> EQUAL", proc.stdout, re.M), proc.stdout
     assert re.search(r"^loss  peak memory  fused/naive = \d+\.\d+  \(aim <= 0\.1: (met|NOT met)\)",
                      proc.stdout, re.M), proc.stdout
     assert re.search(r"^attention  check .*-> EQUAL", proc.stdout, re.M), proc.stdout
     results = json.loads(out_json.read_text())
     assert results["outputs_equal"] is True
-    assert set(results["loss"]["ratios"]) == {"fused/naive", "chunked/naive", "fused/chunked"}
+    assert set(results["loss"]["ratios"]) == {"fused/naive", "grouped/naive", "chunked/naive", "fused/chunked"}
     for ratios in results["loss"]["ratios"].values():
         assert set(ratios) == {"peak_memory", "peak_rss", "time", "cpu_time"}
     assert set(results["attention"]["ratios"]) == {"peak_memory", "peak_rss", "time", "cpu_time"}
-    for form in ("naive", "fused", "chunked"):
+    for form in ("naive", "fused", "grouped", "chunked"):
         assert results["loss"][form]["peak_bytes"] > 0
     assert results["config"]["loss_rows"] == 64
 

@@ -10,6 +10,13 @@ autograd of the unchunked, unsharded formula; the LM head stays frozen (no grad)
 also match the previous implementation (per-row autograd under checkpointing,
 vocab_parallel_ce_l1) within 1e-6; bf16 runs use a looser tolerance.
 
+The batch has the structure of overlapping blocks: slots share a key (sample, target
+position) and with it the target's hidden state and the previous token. With the rows
+sorted and grouped by that key (``group_rows``, as the model does) the fused loss forms the
+target's logits, and for the vanilla head the Markov bias and its gradient products, once
+per group; those runs are checked the same way (the per-row feature gradient excepted for
+the vanilla head: it reaches the group's first row, the gradient of W1 is compared).
+
 TP = 2 runs in one two-process launch that checks every case; TP = 1 runs in-process.
 """
 
@@ -68,10 +75,24 @@ def make_params(seed: int = 0):
         h=torch.randn(b, N, B, H, generator=g),
     )
     p["target"] = p["h"] + 0.7 * torch.randn(b, N, B, H, generator=g)
-    # a few rows where draft and target agree exactly: |p_d − p_t| has zeros (sign 0)
-    p["target"][0, 0, :2] = p["h"][0, 0, :2]
     p["labels"] = torch.randint(0, V, (b, N, B), generator=g)
     p["prev"] = torch.randint(0, V, (b, N, B), generator=g)
+    # overlapping blocks: slots with the same (sample, position) key share the target's
+    # hidden state and the previous token (those of the key's first slot)
+    keys = torch.randint(0, 9, (b, N, B), generator=g) + 100 * torch.arange(b)[:, None, None]
+    keys[0, 0, :2] = torch.tensor([-1, -2])  # two rows of their own, where draft and target
+    flat_keys = keys.reshape(-1)              # agree exactly: |p_d − p_t| has zeros (sign 0)
+    # (zero states: logits exactly 0 whatever the GEMM's shape, so p_d = p_t = 1/V exactly)
+    first = {}
+    for i, k in enumerate(flat_keys.tolist()):
+        first.setdefault(k, i)
+    src = torch.tensor([first[k] for k in flat_keys.tolist()])
+    for name in ("target", "prev"):
+        t = p[name].reshape(b * N * B, *p[name].shape[3:])
+        p[name] = t[src].reshape(p[name].shape)
+    p["h"][0, 0, :2] = 0.0
+    p["target"][0, 0, :2] = 0.0
+    p["keys"] = keys
     mask = torch.rand(b, N, B, generator=g) > 0.3
     mask[0, 0, 0] = True
     p["mask"] = mask
@@ -150,10 +171,11 @@ def naive_loss(p: dict, head: str, alphas) -> dict:
 
 
 def megaspark_loss(p: dict, head: str, alphas, chunk: int, use_rows: bool, vocab_start: int = 0,
-                   group=None, legacy: bool = False, combined: bool = False) -> dict:
+                   group=None, legacy: bool = False, combined: bool = False, grouped: bool = False) -> dict:
     """dspark_loss_sums on this rank's shard (legacy: the sums by the previous per-row
     autograd implementation instead of the fused Function; combined: the fused Function with
-    the CE and L1 gradients α-combined in the forward, as the model calls it)."""
+    the CE and L1 gradients α-combined in the forward, as the model calls it; grouped: and
+    the rows grouped by key, as the model does)."""
     from megaspark import losses
 
     a_ce, a_l1, a_conf, need_l1 = alphas
@@ -167,14 +189,18 @@ def megaspark_loss(p: dict, head: str, alphas, chunk: int, use_rows: bool, vocab
     kwargs = dict(feat=feat, w2=p["w2"] if feat is not None else None, target_hidden=p["target"],
                   confidence_logits=conf if use_conf else None, vocab_start=vocab_start,
                   group=group, chunk_rows=chunk, rows=rows, need_l1=need_l1)
+    if grouped:
+        rows, groups = losses.group_rows(rows, p["keys"], p["prev"])
+        assert groups.prev_shared and groups.count < rows.numel()
+        kwargs.update(rows=rows, groups=groups, feat_by_prev=head == "vanilla")
     if combined:
         kwargs["alphas"] = (a_ce, a_l1)
     restore = None
     if legacy:  # today's formulation: per-row autograd (checkpointed chunks), then the sums
         restore = losses.vocab_parallel_ce_l1_sums
 
-        def previous(h, labels, weights, lm_head, combine=None, **kw):
-            assert combine is None
+        def previous(h, labels, weights, lm_head, combine=None, groups=None, feat_by_prev=False, **kw):
+            assert combine is None and groups is None
             ce, l1 = losses.vocab_parallel_ce_l1(h, labels, lm_head, **kw)
             return (weights * ce).sum(), (weights * l1).sum(), ce.detach(), l1.detach()
 
@@ -203,6 +229,10 @@ def run_cases(tp: int = 1, rank: int = 0, group=None, dtypes=("float32", "bfloat
         dt = getattr(torch, dtype)
         res = megaspark_loss(leaves(base, dt, shard), head, ALPHAS[alphas], chunk, use_rows,
                              vocab_start=shard.start, group=group)
+        if use_rows:
+            res["grouped"] = megaspark_loss(leaves(base, dt, shard), head, ALPHAS[alphas], chunk, use_rows,
+                                            vocab_start=shard.start, group=group, combined=True,
+                                            grouped=True)
         if dtype == "float32":
             res["legacy"] = megaspark_loss(leaves(base, dt, shard), head, ALPHAS[alphas], chunk,
                                            use_rows, vocab_start=shard.start, group=group, legacy=True)
@@ -240,7 +270,8 @@ def check(results, tp: int, rank: int):
                 diff = float((g.double() - ref_grads[k]).abs().max())
                 assert diff < REF_TOL, (case, k, diff)
             legacy = got["legacy"]
-            for variant in (got, got["combined"]):  # separate and α-combined gradient sets
+            # separate and α-combined gradient sets, and rows grouped by target position
+            for variant in (got, got["combined"]) + ((got["grouped"],) if "grouped" in got else ()):
                 assert abs(float(variant["loss"]) - float(legacy["loss"])) < FP32_TOL, case
                 assert set(variant["metrics"]) == set(legacy["metrics"]), case
                 for k, (num, den) in variant["metrics"].items():
@@ -250,6 +281,8 @@ def check(results, tp: int, rank: int):
                         assert abs(num / den - lnum / lden) < FP32_TOL, (case, k, num / den, lnum / lden)
                 assert set(variant["grads"]) == set(legacy["grads"]), case
                 for k, g in variant["grads"].items():
+                    if k == "feat" and variant is got.get("grouped") and head == "vanilla":
+                        continue  # the group's gradient sits on its first row (W1's is compared)
                     diff = float((g - legacy["grads"][k]).abs().max())
                     assert diff < FP32_TOL, (case, k, diff)
         else:
@@ -264,9 +297,13 @@ def check(results, tp: int, rank: int):
             bf_grads = dict(refs[key]["grads"])
             if "w2" in bf_grads:
                 bf_grads["w2"] = bf_grads["w2"][shard]
-            for k, g in got["grads"].items():
-                assert g.dtype == torch.bfloat16, (case, k, g.dtype)
-                assert _rel(g, bf_grads[k]) < BF16_TOL, (case, k, _rel(g, bf_grads[k]))
+            for variant in (got,) + ((got["grouped"],) if "grouped" in got else ()):
+                assert abs(float(variant["loss"]) - ref_loss) < BF16_TOL * max(1.0, ref_loss), case
+                for k, g in variant["grads"].items():
+                    if k == "feat" and variant is got.get("grouped") and head == "vanilla":
+                        continue
+                    assert g.dtype == torch.bfloat16, (case, k, g.dtype)
+                    assert _rel(g, bf_grads[k]) < BF16_TOL, (case, k, _rel(g, bf_grads[k]))
         # the metrics against the reference: CE and (when computed) L1
         w = base["weights"]
         ce_ref = float((w * ref["ce"]).sum() / w.sum())
@@ -472,5 +509,25 @@ def test_chunk_loop_has_no_host_sync_or_data_dependent_shape():
     compiled = torch.compile(losses._fused_chunks, backend="eager", fullgraph=True)
     got = compiled(*args)
     want = losses._fused_chunks(*args)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_grouped_chunk_loop_has_no_host_sync_or_data_dependent_shape():
+    """The same with the rows grouped by target position (chunk bounds from host ints)."""
+    from megaspark import losses
+
+    p = leaves(make_params(), torch.float32)
+    R = math.prod(BLOCKS)
+    rows, groups = losses.group_rows(torch.arange(R), p["keys"], p["prev"])
+    feat = p["w1"][p["prev"]].detach().reshape(R, RANK)[rows][groups.first]
+    args = (p["h"].detach().reshape(R, H)[rows], feat, p["w2"].detach(), p["lm"], p["labels"].reshape(R)[rows],
+            p["weights"].reshape(R).float()[rows], p["target"].reshape(R, H)[rows][groups.first], 0, None, 7,
+            True, True, True, True)
+    kw = dict(combine=(0.1, 0.9), groups=groups, feat_grouped=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(losses._fused_chunks, backend="eager", fullgraph=True)
+    got = compiled(*args, **kw)
+    want = losses._fused_chunks(*args, **kw)
     for a, b in zip(got, want):
         assert torch.equal(a, b)

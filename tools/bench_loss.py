@@ -12,9 +12,12 @@ meaningless.
    (``--loss-rows``; default 896 = 128 anchors × block 7 at the Qwen3 vocabulary
    V = 151,936):
 
-   * **fused** — what training uses: :func:`megaspark.losses.vocab_parallel_ce_l1_sums`,
-     one autograd Function with a hand-derived backward, row chunks of ``--chunk-rows``
-     (no autograd graph over ``[rows, V]``, no recomputation);
+   * **fused** — :func:`megaspark.losses.vocab_parallel_ce_l1_sums`, one autograd
+     Function with a hand-derived backward, row chunks of ``--chunk-rows`` (no autograd
+     graph over ``[rows, V]``, no recomputation);
+   * **grouped** — what training uses: the same Function with the CE and L1 gradients
+     combined and the rows grouped by target position (:func:`megaspark.losses.group_rows`;
+     target logits, Markov bias and its gradient products once per group).
    * **chunked** — the previous implementation, :func:`megaspark.losses.vocab_parallel_ce_l1`:
      per-row autograd, each chunk under activation checkpointing (``--skip-chunked`` to
      leave it out);
@@ -22,11 +25,14 @@ meaningless.
      rows at once ``logits = h·Wᵀ + f·W2ᵀ``, ``log_softmax``, CE, ``softmax``,
      ``Σ|p_d − p_t|``.
 
+   The rows come as overlapping blocks make them: in groups of 1–2 (about two thirds of
+   the rows distinct) that share the target's hidden state and the Markov feature.
    Objective ``(Σ CE + Σ L1) / R``; gradients flow to ``h``, ``feat`` and ``W2`` (the LM
-   head is frozen, as in DSpark training). Reported: fused/naive (the aim: peak extra
-   memory ≤ 10 %), chunked/naive and fused/chunked.
-2. **Attention** — :func:`structured_attention_with_keep` against
-   :func:`dense_mask_attention` with the ``[N·B, S+N·B]`` mask of
+   head is frozen, as in DSpark training); the feature's gradient is compared summed over
+   each group (what reaches ``W1``). Reported: fused/naive and grouped/naive (the aim: peak
+   extra memory ≤ 10 %), chunked/naive and fused/chunked.
+2. **Attention** — :func:`structured_attention_with_keep` and :func:`sdpa_block_attention`
+   (the CPU default) against :func:`dense_mask_attention` with the ``[N·B, S+N·B]`` mask of
    :func:`megaspark.blocks.dense_attention_mask`, sorted random anchors from
    :func:`megaspark.blocks.sample_anchors`. Only the core attention is timed: the mask /
    context lengths are built once per micro-batch (shared by all layers) and are inputs.
@@ -110,7 +116,7 @@ ATTN_TIME_AIM = 1.0  # structured faster than dense
 # full-size defaults and the --quick ones; explicit options override either set
 DEFAULTS = dict(
     vocab=151_936, hidden=256, markov_rank=64, loss_rows=896, num_anchors=512, block_size=7,
-    seq_len=2048, chunk_rows=128, heads=8, query_groups=2, head_dim=128, batch=1, attn_chunk_blocks=64,
+    seq_len=2048, chunk_rows=128, heads=8, query_groups=2, head_dim=128, batch=1, attn_chunk_blocks=16,
     repeats=1, attn_repeats=3,
 )
 QUICK = dict(
@@ -203,7 +209,7 @@ def _set_threads(args):
 def _loss_worker(args, variant: str):
     import torch
 
-    from megaspark.losses import vocab_parallel_ce_l1, vocab_parallel_ce_l1_sums
+    from megaspark.losses import group_rows, vocab_parallel_ce_l1, vocab_parallel_ce_l1_sums
 
     dt = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(args.seed)
@@ -212,8 +218,10 @@ def _loss_worker(args, variant: str):
     lm_head = (torch.randn(V, H, generator=g) * (2.0 / math.sqrt(H))).to(dt)
     w2 = (torch.randn(V, r, generator=g) * 0.05).to(dt).requires_grad_()
     h = torch.randn(R, H, generator=g).to(dt).requires_grad_()
-    feat = torch.randn(R, r, generator=g).to(dt).requires_grad_()
-    target_hidden = (h.detach().float() + 0.5 * torch.randn(R, H, generator=g)).to(dt)
+    # rows in groups of 1-2 sharing the target position (its hidden state, its Markov feature)
+    group = torch.repeat_interleave(torch.arange(R), torch.randint(1, 3, (R,), generator=g))[:R]
+    feat = torch.randn(R, r, generator=g)[group].to(dt).requires_grad_()
+    target_hidden = (h.detach().float() + 0.5 * torch.randn(R, H, generator=g))[group].to(dt)
     labels = torch.randint(0, V, (R,), generator=g)
     ones = torch.ones(R)
     leaves = (h, feat, w2)
@@ -227,6 +235,12 @@ def _loss_worker(args, variant: str):
             ce, l1 = vocab_parallel_ce_l1(h[:n], labels[:n], lm_head, feat=feat[:n], w2=w2,
                                           target_hidden=target_hidden[:n], chunk_rows=chunk_rows)
             return ce.sum() + l1.sum(), ce, l1
+        if form == "grouped":
+            _, groups = group_rows(torch.arange(n), group[:n])
+            total, _, _, ce, l1 = vocab_parallel_ce_l1_sums(
+                h[:n], labels[:n], ones[:n], lm_head, feat=feat[:n], w2=w2, target_hidden=target_hidden[:n],
+                chunk_rows=chunk_rows, combine=(1.0, 1.0), groups=groups, feat_by_prev=True)
+            return total, ce, l1
         ce_sum, l1_sum, ce, l1 = vocab_parallel_ce_l1_sums(
             h[:n], labels[:n], ones[:n], lm_head, feat=feat[:n], w2=w2,
             target_hidden=target_hidden[:n], chunk_rows=chunk_rows)
@@ -238,12 +252,13 @@ def _loss_worker(args, variant: str):
         total, ce, l1 = objective(variant, R, args.chunk_rows)
         loss = total / R
         loss.backward()
+        grad_feat = torch.zeros(int(group[-1]) + 1, r, dtype=feat.grad.dtype).index_add_(0, group, feat.grad)
         return dict(ce=ce.detach(), l1=l1.detach(), loss=loss.detach(),
-                    grad_h=h.grad, grad_feat=feat.grad, grad_w2=w2.grad)
+                    grad_h=h.grad, grad_feat_per_group=grad_feat, grad_w2=w2.grad)
 
     # warm-up of every form on a few rows: lazy imports (megaspark's loss imports megatron on
     # first call), kernel initialisation; otherwise they would be charged to the RSS step
-    for form in ("naive", "chunked", "fused"):
+    for form in ("naive", "chunked", "fused", "grouped"):
         objective(form, min(R, 4), 2)[0].backward()
     return _measure(step, args.repeats)
 
@@ -285,10 +300,14 @@ def _warm_up_attention(args):
 
     B, S = args.block_size, 8
     anchors, keep = torch.tensor([[1, 5]]), torch.tensor([[True, True]])
-    for dense in (True, False):
+    from megaspark.models.dspark.attention import sdpa_block_attention
+
+    for dense in (True, False, None):
         q = torch.randn(1, 1, 1, 2 * B, 4, requires_grad=True)
         kv = torch.randn(1, 1, S + 2 * B, 4, requires_grad=True)
-        if dense:
+        if dense is None:
+            out = sdpa_block_attention(q, kv, kv, context_lengths(anchors, keep), keep, B, S, 1)
+        elif dense:
             out = dense_mask_attention(q, kv, kv, dense_attention_mask(anchors, keep, S, B))
         else:
             out = structured_attention_with_keep(q, kv, kv, context_lengths(anchors, keep), keep,
@@ -299,6 +318,7 @@ def _warm_up_attention(args):
 def _attention_worker(args, variant: str):
     from megaspark.models.dspark.attention import (
         dense_mask_attention,
+        sdpa_block_attention,
         structured_attention_with_keep,
     )
 
@@ -313,6 +333,9 @@ def _attention_worker(args, variant: str):
             t.grad = None
         if variant == "dense":
             out = dense_mask_attention(q, k, v, dense_mask)
+        elif variant == "sdpa":
+            out = sdpa_block_attention(q, k, v, inp["ctx"], inp["keep"], args.block_size, args.seq_len,
+                                       args.attn_chunk_blocks)
         else:
             out = structured_attention_with_keep(
                 q, k, v, inp["ctx"], inp["keep"], args.block_size, args.seq_len,
@@ -412,7 +435,7 @@ def _print_diffs(kind, diffs, tol) -> bool:
 
 def _loss_section(args, tmp, tol, results) -> bool:
     rows = args.loss_rows
-    variants = ["naive", "fused"] + ([] if args.skip_chunked else ["chunked"])
+    variants = ["naive", "fused", "grouped"] + ([] if args.skip_chunked else ["chunked"])
     print(f"# loss: V={args.vocab}  H={args.hidden}  markov rank={args.markov_rank}  "
           f"rows R={rows}  chunk rows={args.chunk_rows}  dtype={args.dtype}  "
           f"({', '.join(variants)})", flush=True)
@@ -444,7 +467,7 @@ def _loss_section(args, tmp, tol, results) -> bool:
     for a, b in pairs:
         x = ratios[f"{a}/{b}"]
         aim = ""
-        if (a, b) == ("fused", "naive"):
+        if b == "naive" and a in ("fused", "grouped"):
             aim = (f"  (aim <= {LOSS_MEMORY_AIM}: "
                    f"{'met' if x['peak_memory'] <= LOSS_MEMORY_AIM else 'NOT met'})")
         print(f"loss  peak memory  {a}/{b} = {x['peak_memory']:.3f}{aim}")
@@ -480,13 +503,16 @@ def run_benchmark(args) -> int:
                   flush=True)
             dense = _spawn(args, "attention", "dense", tmp)
             struct = _spawn(args, "attention", "structured", tmp)
+            sdpa = _spawn(args, "attention", "sdpa", tmp)
             diffs = _diffs(tmp, "attention", "structured", "dense")
-            for name, r in (("dense", dense), ("structured", struct)):
+            sdpa_diffs = _diffs(tmp, "attention", "sdpa", "dense")
+            for name, r in (("dense", dense), ("structured", struct), ("sdpa", sdpa)):
                 print(f"#   {name:10s} peak {_gib(r['peak_bytes'])}  rss +{_gib(r['rss_delta_bytes'])}  "
                       f"time {r['time_s']:.2f} s  cpu {r['cpu_time_s']:.2f} s "
                       f"(median of {len(r['times_s'])}, threads {r['threads']})")
             print(f"#   kept blocks {struct['kept_blocks']} of {args.batch * args.num_anchors}")
             ok &= _print_diffs("attention  check structured vs dense", diffs, tol)
+            ok &= _print_diffs("attention  check sdpa vs dense", sdpa_diffs, tol)
             tim = _ratio(struct["time_s"], dense["time_s"])
             cpu = _ratio(struct["cpu_time_s"], dense["cpu_time_s"])
             mem = _ratio(struct["peak_bytes"], dense["peak_bytes"])
@@ -496,9 +522,16 @@ def run_benchmark(args) -> int:
             print(f"attention  CPU time  structured/dense = {cpu:.3f}  (cross-check)")
             print(f"attention  peak memory  structured/dense = {mem:.3f}")
             print(f"attention  peak RSS  structured/dense = {rss:.3f}  (cross-check)", flush=True)
-            results["attention"] = dict(dense=dense, structured=struct, diffs=diffs,
+            sdpa_ratios = dict(time=_ratio(sdpa["time_s"], dense["time_s"]),
+                               time_vs_structured=_ratio(sdpa["time_s"], struct["time_s"]),
+                               peak_memory=_ratio(sdpa["peak_bytes"], dense["peak_bytes"]))
+            print(f"attention  time  sdpa/dense = {sdpa_ratios['time']:.3f}")
+            print(f"attention  time  sdpa/structured = {sdpa_ratios['time_vs_structured']:.3f}")
+            print(f"attention  peak memory  sdpa/dense = {sdpa_ratios['peak_memory']:.3f}", flush=True)
+            results["attention"] = dict(dense=dense, structured=struct, sdpa=sdpa, diffs=diffs,
+                                        sdpa_diffs=sdpa_diffs,
                                         ratios=dict(time=tim, cpu_time=cpu, peak_memory=mem,
-                                                    peak_rss=rss))
+                                                    peak_rss=rss), sdpa_ratios=sdpa_ratios)
     results["outputs_equal"] = bool(ok)
     if args.json:
         with open(args.json, "w") as f:

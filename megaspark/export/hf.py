@@ -354,7 +354,7 @@ ALGORITHM_FIELDS = (
     # training-only settings, kept so that a re-import reproduces the run's config
     Field("truncate_eval_mask", "megaspark.truncate_eval_mask", default=True),
     Field("attention_backend", "megaspark.attention_backend", default="structured"),
-    Field("attention_chunk_blocks", "megaspark.attention_chunk_blocks", default=64),
+    Field("attention_chunk_blocks", "megaspark.attention_chunk_blocks", default=16),
     Field("loss_chunk_rows", "megaspark.loss_chunk_rows", default=1024),
     Field("init_std", "megaspark.init_std", default=0.02),
 )

@@ -74,7 +74,8 @@ def draft_config(args, hf_config):
         convention=args.slot_convention, truncate_eval_mask=args.truncate_eval_mask,
         alpha_ce=args.ce_loss_alpha, alpha_l1=args.l1_loss_alpha,
         alpha_conf=args.confidence_loss_alpha if args.confidence_head else 0.0,
-        attention_backend=args.draft_attention_backend, loss_chunk_rows=args.loss_chunk_rows,
+        attention_backend=args.draft_attention_backend, attention_chunk_blocks=args.attention_chunk_blocks,
+        loss_chunk_rows=args.loss_chunk_rows,
         training_mode=args.training_mode, prefix_weight_base=args.prefix_weight_base,
     )
     return DSparkConfig.from_hf_config(hf_config, **overrides, **algorithm)

@@ -4,9 +4,15 @@ Queries come from the block rows only; keys and values come from ``[C; Y]`` (pro
 context, then the block rows) through the *same* projections. During training block j
 may see context keys ``0 … a_j−1`` and the B rows of its own block, nothing else.
 
-Two interchangeable core-attention implementations:
+Interchangeable core-attention implementations (``--draft-attention-backend``; ``auto``
+takes FlexAttention on a GPU and the chunked SDPA kernel elsewhere):
 
-* :func:`structured_block_attention` (default) never builds the ``[N·B, S+N·B]`` mask.
+* :func:`sdpa_block_attention` (CPU default): per chunk of blocks, one
+  ``scaled_dot_product_attention`` call (PyTorch's fused kernel: no score tensor in the
+  autograd graph, GQA without repeating K/V) over ``[context prefix; the chunk's blocks]``
+  with a small boolean mask (prefix ``< a_j``, own block only).
+* :func:`flex_block_attention`: one FlexAttention call with a ``BlockMask`` (GPU default).
+* :func:`structured_block_attention` never builds the ``[N·B, S+N·B]`` mask.
   Each block's scores are ``[B, a_j]`` against a context *prefix* plus ``[B, B]`` against
   its own block, softmaxed jointly. Blocks are processed in chunks whose context is cut
   at the chunk's longest prefix, so with sorted anchors the work on the context is about
@@ -14,8 +20,8 @@ Two interchangeable core-attention implementations:
 * :func:`dense_mask_attention` is the literal dense-mask formulation, kept as the
   reference and as the benchmark baseline.
 
-Both return exactly the same values (rows with no visible key — dummy blocks — give 0).
-Both take an explicit softmax ``scale`` (default ``hd^-1/2``) and a value width that may
+All return the same values (rows with no visible key — dummy blocks — give 0).
+All take an explicit softmax ``scale`` (default ``hd^-1/2``) and a value width that may
 differ from the query/key width, so the MLA draft (:mod:`.mla`, ``nKV = heads``, ``g = 1``)
 uses them unchanged. The module :class:`DualSourceAttention` holds the tensor-parallel
 projections of the GQA draft.
@@ -119,6 +125,48 @@ def dense_mask_attention(q, k, v, allowed: torch.Tensor, scale: Optional[float] 
     return (out * any_visible[:, None, None, :, None]).to(q.dtype)
 
 
+def sdpa_block_attention(q, k, v, context_lengths, keep, block_size: int, seq_len: int, chunk_blocks: int = 16,
+                         scale: Optional[float] = None, block_context_max: Optional[Sequence[int]] = None):
+    """The block attention by ``scaled_dot_product_attention``, ``chunk_blocks`` blocks per
+    call: keys ``[context 0 … L−1; the chunk's n·B block rows]`` with L the chunk's longest
+    context (``block_context_max``, host ints; without it one host read per chunk), and a
+    boolean mask ``[b, 1, n·B, L + n·B]`` (context key < a_j, or a key of the row's own
+    block). Every row sees its own block, so no row is fully masked; rows of dummy blocks
+    are zeroed afterwards. In the inputs' dtype; shapes as :func:`structured_block_attention`,
+    ``keep`` [b, N] bool."""
+    import torch.nn.functional as F
+
+    b, nkv, g, rows, hd = q.shape
+    hd_v = v.shape[-1]
+    B, S = block_size, seq_len
+    N = rows // B
+    qb = q.reshape(b, nkv * g, N, B, hd)
+    dev = q.device
+    own = torch.arange(chunk_blocks * B, device=dev) // B
+    outs = []
+    for start in range(0, N, chunk_blocks):
+        stop = min(N, start + chunk_blocks)
+        n = stop - start
+        lens = context_lengths[:, start:stop]  # [b, n]
+        if block_context_max is not None:
+            L = max(block_context_max[start:stop], default=0)
+        else:
+            L = int(lens.max().item()) if lens.numel() else 0
+        blk = slice(S + start * B, S + stop * B)
+        kc = torch.cat([k[:, :, :L], k[:, :, blk]], dim=2)
+        vc = torch.cat([v[:, :, :L], v[:, :, blk]], dim=2)
+        ctx_ok = torch.arange(L, device=dev)[None, None, :] < lens[:, :, None]  # [b, n, L]
+        ctx_ok = ctx_ok.repeat_interleave(B, dim=1)  # [b, n·B, L]
+        blk_ok = (own[:n * B, None] == own[None, :n * B]).expand(b, -1, -1)
+        mask = torch.cat([ctx_ok, blk_ok], dim=-1)[:, None]
+        out = F.scaled_dot_product_attention(qb[:, :, start:stop].reshape(b, nkv * g, n * B, hd), kc, vc,
+                                             attn_mask=mask, scale=scale, enable_gqa=g > 1)
+        outs.append(out.reshape(b, nkv, g, n, B, hd_v))
+    out = torch.cat(outs, dim=3) if outs else q.new_zeros(b, nkv, g, 0, B, hd_v)
+    row_keep = keep.repeat_interleave(B, dim=1)  # [b, N·B]
+    return out.reshape(b, nkv, g, rows, hd_v) * row_keep[:, None, None, :, None].to(out.dtype)
+
+
 _COMPILED_FLEX = None
 
 
@@ -160,10 +208,13 @@ def flex_block_attention(q, k, v, context_lengths, keep, block_size: int, seq_le
 
 def block_attention(backend: str, q, k, v, inputs, seq_len: int, chunk_blocks: int,
                     scale: Optional[float] = None) -> torch.Tensor:
-    """Dispatch to the block-attention kernel of ``backend`` (``auto``: flex on CUDA,
-    structured elsewhere). ``inputs``: the layer's :class:`AttentionInputs`."""
+    """Dispatch to the block-attention kernel of ``backend`` (``auto``: flex on CUDA, sdpa
+    elsewhere). ``inputs``: the layer's :class:`AttentionInputs`."""
     if backend == "auto":
-        backend = "flex" if q.device.type == "cuda" else "structured"
+        backend = "flex" if q.device.type == "cuda" else "sdpa"
+    if backend == "sdpa":
+        return sdpa_block_attention(q, k, v, inputs.context_lengths, inputs.keep, inputs.block_size, seq_len,
+                                    chunk_blocks, scale=scale, block_context_max=inputs.block_context_max)
     if backend == "dense":
         return dense_mask_attention(q, k, v, inputs.dense_mask, scale=scale)
     if backend == "flex":

@@ -35,7 +35,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megaspark.blocks import Blocks, align_to_blocks, dense_attention_mask
 from megaspark.config import DSparkConfig
-from megaspark.losses import LossSums, dspark_loss_sums
+from megaspark.losses import LossSums, RowGroups, dspark_loss_sums
 from megaspark.models.dspark.attention import AttentionInputs
 from megaspark.models.dspark.heads import ConfidenceHead, MarkovHead
 from megaspark.models.dspark.layer import DSparkLayer, RMSNorm
@@ -76,24 +76,29 @@ class DraftInputs:
     target_hidden: Optional[torch.Tensor] = None  # [b, N, B, H] aligned post-norm target state
     block_context_max: Optional[tuple] = None  # N host ints: max over the batch of a_j
     loss_rows: Optional[torch.Tensor] = None  # flat indices of the supervised slots (host-made)
+    loss_groups: Optional[RowGroups] = None  # loss_rows sorted by target position, grouped
 
     def to(self, device) -> "DraftInputs":
         """Move every tensor field to ``device`` (tensors already there stay put)."""
         for name, value in vars(self).items():
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, (torch.Tensor, RowGroups)):
                 setattr(self, name, value.to(device, non_blocking=True))
         return self
 
     @staticmethod
     def host_facts(blocks: Blocks):
         """What the draft needs to know on the host, read from blocks that are still on the
-        CPU: (``block_context_max``, ``loss_rows``) — so that no shape in the step depends
-        on device data."""
+        CPU: (``block_context_max``, ``loss_rows``, ``loss_groups``) — so that no shape in the
+        step depends on device data. The rows come sorted by (sample, target position), the
+        key of the target's distribution and of the previous token."""
         from megaspark.blocks import context_lengths
-        from megaspark.losses import supervised_rows
+        from megaspark.losses import group_rows, supervised_rows
 
         lengths = context_lengths(blocks.anchors, blocks.keep)
-        return (tuple(lengths.amax(0).tolist()) if lengths.numel() else ()), supervised_rows(blocks.eval_mask)
+        b = blocks.aligned_index.shape[0]
+        keys = blocks.aligned_index + blocks.seq_len * torch.arange(b)[:, None, None]
+        rows, groups = group_rows(supervised_rows(blocks.eval_mask), keys, blocks.prev_ids)
+        return (tuple(lengths.amax(0).tolist()) if lengths.numel() else ()), rows, groups
 
     @classmethod
     def from_blocks(cls, blocks: Blocks, context_features=None, target_last_hidden=None, device=None,
@@ -107,11 +112,11 @@ class DraftInputs:
         from megaspark.blocks import context_lengths
 
         lengths = context_lengths(blocks.anchors, blocks.keep)
-        block_max = rows = None
+        block_max = rows = groups = None
         if host_facts is not None:
-            block_max, rows = host_facts
+            block_max, rows, groups = host_facts
         elif lengths.device.type == "cpu":  # read before anything moves to the device
-            block_max, rows = cls.host_facts(blocks)
+            block_max, rows, groups = cls.host_facts(blocks)
         if device is None:
             for t in (context_features, target_last_hidden, target_hidden):
                 if t is not None:
@@ -121,6 +126,7 @@ class DraftInputs:
             blocks = blocks.to(device)
             lengths = lengths.to(device, non_blocking=True)
             rows = None if rows is None else rows.to(device, non_blocking=True)
+            groups = None if groups is None else groups.to(device, non_blocking=True)
         if target_last_hidden is not None:
             target_hidden = align_to_blocks(target_last_hidden, blocks.aligned_index)
 
@@ -140,6 +146,7 @@ class DraftInputs:
             target_hidden=target_hidden,
             block_context_max=block_max,
             loss_rows=rows,
+            loss_groups=groups,
         )
 
 
@@ -435,4 +442,6 @@ class DSparkModel(MegatronModule):
             need_l1=inputs.target_hidden is not None and (
                 d.alpha_l1 > 0 or d.confidence_head or not torch.is_grad_enabled()),
             alphas=(d.alpha_ce, d.alpha_l1),
+            groups=inputs.loss_groups,
+            feat_by_prev=d.markov_head_type == "vanilla",
         )
