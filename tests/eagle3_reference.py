@@ -26,6 +26,16 @@ positions q ≤ p (causal) and the keys of every later step s = 1 … t at its o
 only. :func:`explicit_step_attention` computes it over the explicitly concatenated keys of
 all steps with that mask.
 
+MLA variant (``cfg["attention"] == "mla"``, the DeepSeek-V3-shaped draft,
+``DeepseekV3ForCausalLMEagle3``): the same layer with DeepSeek-V3's multi-head latent
+attention over the 2H-wide input ``a``: queries ``q = q_proj(a)`` (or ``q_b_proj(
+RMSNorm_qa(q_a_proj(a)))`` with a query rank), per head ``[q_nope (nope dims); q_pe (rope
+dims)]``; ``kv_a_proj_with_mqa(a) = [c (latent); k_pe (rope dims, one key shared by all
+heads)]``, ``c`` normed by ``kv_a_layernorm``, ``kv_b_proj(c)`` per head ``[k_nope; v]``;
+keys ``[k_nope; RoPE(k_pe)]``; RoPE rotates the pairs of adjacent dims ``(2i, 2i+1)``
+(DeepSeek's interleaved convention); softmax scale ``(nope + rope)^-1/2``; every head its
+own key/value head; the same step mask.
+
 Labels: step t at position p predicts x_{p+2+t}; its soft label is the target's
 distribution at position p+1+t restricted to the draft vocabulary, ``softmax(
 target_logits[p+1+t][draft_to_target])``. The position counts (mask ``m_t[p] = 1``) when
@@ -92,6 +102,38 @@ def random_steps(seed: int, b: int, S: int, hd: int, steps: int, heads: int = 4,
     return q, ks, vs
 
 
+def rope_pairs(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    """x [..., S, d] rotated at positions ``pos`` [S], DeepSeek's convention: dims (2i, 2i+1)
+    form the pair of frequency i."""
+    d = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    ang = pos.double()[:, None] * inv[None]
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    out = torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1)
+    return out.flatten(-2)
+
+
+def _mla_qkv(w: dict, cfg: dict, a: torch.Tensor):
+    """DeepSeek-V3 attention projections of a [b, S, 2H] → q, k [b, nh, S, nope+rope], v."""
+    b, S, _ = a.shape
+    nh, nope, rp, vd = cfg["num_heads"], cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    r, eps, pos = cfg["kv_lora_rank"], cfg["rms_norm_eps"], torch.arange(S)
+    at = "midlayer.self_attn."
+    if cfg.get("q_lora_rank"):
+        q = rms_norm(a @ w[at + "q_a_proj.weight"].T, w[at + "q_a_layernorm.weight"], eps) @ w[at + "q_b_proj.weight"].T
+    else:
+        q = a @ w[at + "q_proj.weight"].T
+    q = q.view(b, S, nh, nope + rp).transpose(1, 2)
+    kv_a = a @ w[at + "kv_a_proj_with_mqa.weight"].T
+    c, k_pe = kv_a[..., :r], kv_a[..., r:]
+    kv = (rms_norm(c, w[at + "kv_a_layernorm.weight"], eps) @ w[at + "kv_b_proj.weight"].T)
+    kv = kv.view(b, S, nh, nope + vd).transpose(1, 2)
+    k_pe = rope_pairs(k_pe[:, None], pos, cfg["rope_theta"]).expand(-1, nh, -1, -1)
+    q = torch.cat([q[..., :nope], rope_pairs(q[..., nope:], pos, cfg["rope_theta"])], dim=-1)
+    return q, torch.cat([kv[..., :nope], k_pe], dim=-1), kv[..., nope:], (nope + rp) ** -0.5
+
+
 def midlayer(w: dict, cfg: dict, e: torch.Tensor, g: torch.Tensor, ks: list, vs: list):
     """One step of the draft layer: e, g [b, S, H]; appends this step's k, v to ks / vs."""
     b, S, H = g.shape
@@ -99,14 +141,17 @@ def midlayer(w: dict, cfg: dict, e: torch.Tensor, g: torch.Tensor, ks: list, vs:
     pos = torch.arange(S)
     a = torch.cat([rms_norm(e, w["midlayer.input_layernorm.weight"], eps),
                    rms_norm(g, w["midlayer.hidden_norm.weight"], eps)], dim=-1)
-    q = (a @ w["midlayer.self_attn.q_proj.weight"].T).view(b, S, nh, hd).transpose(1, 2)
-    k = (a @ w["midlayer.self_attn.k_proj.weight"].T).view(b, S, nkv, hd).transpose(1, 2)
-    v = (a @ w["midlayer.self_attn.v_proj.weight"].T).view(b, S, nkv, hd).transpose(1, 2)
-    q, k = rope(q, pos, cfg["rope_theta"]), rope(k, pos, cfg["rope_theta"])
+    if cfg.get("attention") == "mla":
+        q, k, v, scale = _mla_qkv(w, cfg, a)
+    else:
+        q = (a @ w["midlayer.self_attn.q_proj.weight"].T).view(b, S, nh, hd).transpose(1, 2)
+        k = (a @ w["midlayer.self_attn.k_proj.weight"].T).view(b, S, nkv, hd).transpose(1, 2)
+        v = (a @ w["midlayer.self_attn.v_proj.weight"].T).view(b, S, nkv, hd).transpose(1, 2)
+        q, k, scale = rope(q, pos, cfg["rope_theta"]), rope(k, pos, cfg["rope_theta"]), hd ** -0.5
     ks.append(k)
     vs.append(v)
-    att = explicit_step_attention(q, ks, vs, hd ** -0.5)
-    att = att.transpose(1, 2).reshape(b, S, nh * hd) @ w["midlayer.self_attn.o_proj.weight"].T
+    att = explicit_step_attention(q, ks, vs, scale)
+    att = att.transpose(1, 2).reshape(b, S, -1) @ w["midlayer.self_attn.o_proj.weight"].T
     h = g + att
     m = rms_norm(h, w["midlayer.post_attention_layernorm.weight"], eps)
     mlp = (F.silu(m @ w["midlayer.mlp.gate_proj.weight"].T) * (m @ w["midlayer.mlp.up_proj.weight"].T)) \
@@ -180,13 +225,24 @@ def random_weights(cfg: dict, seed: int, dtype=torch.float64) -> dict:
     def norm(n):
         return (1 + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)).to(dtype)
 
+    out = {"embed_tokens.weight": lin(V, H, std=1.0), "fc.weight": lin(H, 3 * H),
+           "midlayer.input_layernorm.weight": norm(H), "midlayer.hidden_norm.weight": norm(H)}
+    at = "midlayer.self_attn."
+    if cfg.get("attention") == "mla":
+        nope, rp, vd, r = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"], cfg["kv_lora_rank"]
+        if cfg.get("q_lora_rank"):
+            qr = cfg["q_lora_rank"]
+            out.update({at + "q_a_proj.weight": lin(qr, 2 * H), at + "q_a_layernorm.weight": norm(qr),
+                        at + "q_b_proj.weight": lin(nh * (nope + rp), qr)})
+        else:
+            out[at + "q_proj.weight"] = lin(nh * (nope + rp), 2 * H)
+        out.update({at + "kv_a_proj_with_mqa.weight": lin(r + rp, 2 * H), at + "kv_a_layernorm.weight": norm(r),
+                    at + "kv_b_proj.weight": lin(nh * (nope + vd), r), at + "o_proj.weight": lin(H, nh * vd)})
+    else:
+        out.update({at + "q_proj.weight": lin(nh * hd, 2 * H), at + "k_proj.weight": lin(nkv * hd, 2 * H),
+                    at + "v_proj.weight": lin(nkv * hd, 2 * H), at + "o_proj.weight": lin(H, nh * hd)})
     return {
-        "embed_tokens.weight": lin(V, H, std=1.0), "fc.weight": lin(H, 3 * H),
-        "midlayer.input_layernorm.weight": norm(H), "midlayer.hidden_norm.weight": norm(H),
-        "midlayer.self_attn.q_proj.weight": lin(nh * hd, 2 * H),
-        "midlayer.self_attn.k_proj.weight": lin(nkv * hd, 2 * H),
-        "midlayer.self_attn.v_proj.weight": lin(nkv * hd, 2 * H),
-        "midlayer.self_attn.o_proj.weight": lin(H, nh * hd),
+        **out,
         "midlayer.post_attention_layernorm.weight": norm(H),
         "midlayer.mlp.gate_proj.weight": lin(I, H), "midlayer.mlp.up_proj.weight": lin(I, H),
         "midlayer.mlp.down_proj.weight": lin(H, I), "norm.weight": norm(H), "lm_head.weight": lin(N, H, std=0.5),

@@ -19,16 +19,17 @@ from megaspark.export.eagle3 import export_eagle3, read_eagle3
 from megaspark.export.hf import ExportError
 from tests.launcher import run_distributed
 from tests.sglang_marks import needs_sglang
-from tests.test_eagle3_model import CFG, _config, case
+from tests.test_eagle3_model import CFG, CONFIGS, _config, case
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def exported(tmp_path, **kw):
-    w, ids, mask, aux, last, w_lm, d2t = case()
+def exported(tmp_path, variant="gqa", **kw):
+    cfg = CONFIGS[variant]
+    w, ids, mask, aux, last, w_lm, d2t = case(cfg=cfg)
     tensors = {k: v.float() for k, v in w.items()}
-    vocab = DraftVocab(d2t, CFG["vocab_size"])
-    config = export_eagle3(tensors, _config(), vocab, [1, 2, 3], tmp_path / "x", **kw)
+    vocab = DraftVocab(d2t, cfg["vocab_size"])
+    config = export_eagle3(tensors, _config(cfg), vocab, [1, 2, 3], tmp_path / "x", **kw)
     return tensors, vocab, config
 
 
@@ -116,17 +117,17 @@ def test_specforge_checkpoint_imports(tmp_path):
         read_eagle3(sf)
 
 
-def _roundtrip_worker(rank, world_size, path):
+def _roundtrip_worker(rank, world_size, path, variant="gqa"):
     from megaspark.models.eagle3.model import Eagle3Draft, load_hf_tensors
     from megaspark.parallel import initialize_distributed
     from megaspark.export.eagle3 import gather_hf_tensors
 
     initialize_distributed(tensor_model_parallel_size=world_size)
-    w, ids, mask, aux, last, w_lm, d2t = case()
+    w, ids, mask, aux, last, w_lm, d2t = case(cfg=CONFIGS[variant])
     out = {}
     for source in ("original", "export"):
         if source == "original":
-            e, vocab_ids, tensors = _config(), d2t, {k: v.float() for k, v in w.items()}
+            e, vocab_ids, tensors = _config(CONFIGS[variant]), d2t, {k: v.float() for k, v in w.items()}
         else:
             e, _, vocab, tensors = read_eagle3(path)
             vocab_ids = vocab.draft_to_target
@@ -139,12 +140,60 @@ def _roundtrip_worker(rank, world_size, path):
     return out
 
 
-def test_export_import_gives_identical_logits_at_tp2(tmp_path):
-    exported(tmp_path)
-    for res in run_distributed(_roundtrip_worker, 2, str(tmp_path / "x")):
+@pytest.mark.parametrize("variant", ["gqa", "mla_q_lora"])
+def test_export_import_gives_identical_logits_at_tp2(tmp_path, variant):
+    exported(tmp_path, variant)
+    for res in run_distributed(_roundtrip_worker, 2, str(tmp_path / "x"), variant):
         assert all(torch.equal(a, b) for a, b in zip(res["original"], res["export"]))
-        w = case()[0]
+        w = case(cfg=CONFIGS[variant])[0]
+        assert set(res["export_gathered"]) == set(w)  # every tensor, the attention's of its variant
         assert all(torch.equal(res["export_gathered"][k], w[k].float()) for k in res["export_gathered"])
+
+
+@pytest.mark.parametrize("variant", ["mla", "mla_q_lora"])
+def test_mla_draft_exports_as_deepseek_v3_eagle3_and_a_specforge_one_imports(tmp_path, variant):
+    """The MLA draft's engine format (SpecForge's DeepseekV3ForCausalLMEagle3: DeepSeek-V3's
+    attention tensor names and config keys), read back and validated; a SpecForge-written
+    directory (its key names, a config with DeepseekV3Config's fields only: no head_dim,
+    q_lora_rank null for none) imports to the same draft; a missing latent tensor is named."""
+    cfg = CONFIGS[variant]
+    tensors, vocab, config = exported(tmp_path, variant)
+    assert config["architectures"] == ["DeepseekV3ForCausalLMEagle3"] and config["model_type"] == "deepseek_v3"
+    assert (config["kv_lora_rank"], config["qk_nope_head_dim"], config["qk_rope_head_dim"], config["v_head_dim"]) \
+        == (cfg["kv_lora_rank"], cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"])
+    assert config["q_lora_rank"] == (cfg["q_lora_rank"] or None)
+    e, layer_ids, back_vocab, back = read_eagle3(tmp_path / "x")
+    assert e == _config(cfg) and e.is_mla and layer_ids == [1, 2, 3]
+    assert all(torch.equal(back[k], tensors[k]) for k in back) and set(back) == set(tensors) - {"embed_tokens.weight"}
+    r = validate(tmp_path / "x")
+    assert r.returncode == 0 and "DeepseekV3ForCausalLMEagle3 (MLA)" in r.stdout, r.stdout + r.stderr
+    sf = tmp_path / "specforge"
+    sf.mkdir()
+    save_file({**{k: v.contiguous() for k, v in tensors.items()}, "d2t": vocab.d2t, "t2d": vocab.t2d},
+              sf / "model.safetensors")
+    (sf / "config.json").write_text(json.dumps({
+        "architectures": ["DeepseekV3ForCausalLMEagle3"], "model_type": "deepseek_v3",
+        "hidden_size": cfg["hidden_size"], "num_attention_heads": cfg["num_heads"],
+        "num_key_value_heads": cfg["num_heads"], "intermediate_size": cfg["intermediate_size"],
+        "num_hidden_layers": 1, "rms_norm_eps": cfg["rms_norm_eps"], "rope_theta": cfg["rope_theta"],
+        "vocab_size": cfg["vocab_size"], "draft_vocab_size": cfg["draft_vocab_size"],
+        "q_lora_rank": cfg["q_lora_rank"] or None, "kv_lora_rank": cfg["kv_lora_rank"],
+        "qk_nope_head_dim": cfg["qk_nope_head_dim"], "qk_rope_head_dim": cfg["qk_rope_head_dim"],
+        "v_head_dim": cfg["v_head_dim"], "hidden_act": "silu", "tie_word_embeddings": False}))
+    e2, _, back_vocab, back2 = read_eagle3(sf)
+    import dataclasses
+
+    assert e2 == dataclasses.replace(_config(cfg), ttt_steps=7)  # Eagle3's default TTT steps
+    assert torch.equal(back_vocab.draft_to_target, vocab.draft_to_target)
+    assert all(torch.equal(back2[k], back[k]) for k in back)
+    assert validate(sf).returncode == 0
+    t = load_file(sf / "model.safetensors")
+    del t["midlayer.self_attn.kv_b_proj.weight"]
+    save_file(t, sf / "model.safetensors")
+    r = validate(sf)
+    assert r.returncode == 1 and "tensor midlayer.self_attn.kv_b_proj.weight missing" in r.stdout, r.stdout
+    with pytest.raises(ExportError, match="kv_b_proj.weight missing"):
+        read_eagle3(sf)
 
 
 @needs_sglang

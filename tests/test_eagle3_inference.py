@@ -2,7 +2,8 @@
 the chain drafting forward equals the training forward under teacher forcing (so a draft
 proposes what it was trained to), greedy decoding is lossless (identical to the target's
 greedy continuation) with random drafts of several chain lengths, and at T = 1 the first
-three tokens follow the target's exact distribution (χ²)."""
+three tokens follow the target's exact distribution (χ²). The MLA draft (DeepSeek-V3 latent
+attention) is checked the same way for teacher forcing and greedy losslessness."""
 from __future__ import annotations
 
 import pytest
@@ -16,12 +17,15 @@ TAPS = [0, 1, 2]
 CHI2_SAMPLES = 1500
 
 
-def _draft(target, draft_vocab=8, ttt=3, scale=1.0, seed=0):
+def _draft(target, draft_vocab=8, ttt=3, scale=1.0, seed=0, mla=False):
     from megaspark.models.eagle3.model import Eagle3Config, Eagle3Draft
 
     cfg = target.config
-    e = Eagle3Config(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
-                     num_query_groups=cfg.num_key_value_heads, kv_channels=cfg.hidden_size // cfg.num_attention_heads,
+    heads = cfg.num_attention_heads
+    shape = (dict(num_query_groups=heads, kv_channels=4, attention_type="mla", kv_lora_rank=12, qk_nope_head_dim=6,
+                  qk_rope_head_dim=4, v_head_dim=5) if mla else
+             dict(num_query_groups=cfg.num_key_value_heads, kv_channels=cfg.hidden_size // heads))
+    e = Eagle3Config(hidden_size=cfg.hidden_size, num_attention_heads=heads, **shape,
                      ffn_hidden_size=cfg.intermediate_size, vocab_size=cfg.vocab_size,
                      draft_vocab_size=draft_vocab, ttt_steps=ttt, init_std=0.2)
     ids = torch.randperm(cfg.vocab_size, generator=torch.Generator().manual_seed(seed))[:draft_vocab].sort().values
@@ -33,10 +37,10 @@ def _draft(target, draft_vocab=8, ttt=3, scale=1.0, seed=0):
 
 
 @torch.no_grad()
-def _teacher_forcing(target):
+def _teacher_forcing(target, mla=False):
     from megaspark.inference.eagle3 import Eagle3Proposer
 
-    model = _draft(target, ttt=4, scale=20.0)
+    model = _draft(target, ttt=4, scale=20.0, mla=mla)
     g = torch.Generator().manual_seed(1)
     S, H = 16, target.config.hidden_size
     x = torch.randint(0, target.config.vocab_size, (1, S), generator=g)
@@ -64,10 +68,10 @@ def _worker(rank, world_size):
 
     initialize_distributed(tensor_model_parallel_size=1)
     target = _tiny_vocab_target()
-    res = {"teacher": _teacher_forcing(target), "greedy": [], "chi2": None}
+    res = {"teacher": _teacher_forcing(target) + _teacher_forcing(target, mla=True), "greedy": [], "chi2": None}
     plain = TargetDecoder(target)
-    for k, seed in ((1, 0), (3, 1), (5, 2)):
-        spec = Eagle3SpeculativeDecoder(_draft(target, seed=seed, scale=10.0), target, TAPS,
+    for k, seed, mla in ((1, 0, False), (3, 1, False), (5, 2, False), (2, 3, True), (4, 4, True)):
+        spec = Eagle3SpeculativeDecoder(_draft(target, seed=seed, scale=10.0, mla=mla), target, TAPS,
                                         num_speculative_tokens=k)
         for prompt in ([1, 2, 3], [5, 7, 1, 1, 0, 9]):
             a = spec.generate(prompt, 20).tokens
@@ -99,7 +103,7 @@ def test_greedy_is_lossless(engine):
     for k, spec, plain, tau in engine["greedy"]:
         assert spec == plain, (k, spec, plain)
         accepted.append(tau)
-    assert len(engine["greedy"]) == 6
+    assert len(engine["greedy"]) == 10  # 3 GQA and 2 MLA drafts, 2 prompts each
 
 
 def test_sampling_matches_the_target_distribution(engine):

@@ -116,3 +116,59 @@ def test_eval_speculative_decodes_with_the_eagle3_checkpoint(layouts, tiny_llama
     assert report["draft"]["algorithm"] == "eagle3" and report["draft"]["taps"] == [1, 2, 4]
     assert report["greedy_identical"] == {"identical": 3, "prompts": 3}
     assert report["speculative"]["acceptance_length"] >= 1.0
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory, tiny_llama_dir, data_dir):  # noqa: F811
+    """The MLA draft at TP 1 and TP 2 (checkpointed), and the GQA draft at DP 2 with the
+    distributed optimizer."""
+    root = tmp_path_factory.mktemp("eagle3_variants")
+    runs = {"mla-1": (1, 1, ["--draft-attention", "mla"]),
+            "mla-2": (2, 1, ["--draft-attention", "mla", "--save", str(root / "mla"), "--save-interval", "4"]),
+            "dist-opt": (1, 2, ["--use-distributed-optimizer"])}
+    out = {}
+    for name, (tp, dp, extra) in runs.items():
+        log = root / f"{name}.jsonl"
+        r = run(tp * dp, *flags(tiny_llama_dir, data_dir, tp, "--log-jsonl", str(log), *extra), timeout=600)
+        _ok(r)
+        out[name] = (losses(log), r)
+    return root, out
+
+
+def test_eagle3_mla_draft_trains_layout_invariant_and_converts(variants, layouts, tmp_path):
+    """--draft-attention mla: DeepSeek-V3 latent attention in the Eagle3 layer (the shape of
+    a GQA target's MLA draft), the same losses at TP 1 and TP 2, and the TP-2
+    checkpoint converts to DeepseekV3ForCausalLMEagle3, which the validator accepts."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.test_pretrain import REPO
+
+    root, out = variants
+    (one, r1), (two, r2) = out["mla-1"], out["mla-2"]
+    assert "eagle3: H 64, MLA 4 heads, latent" in r1.stdout, r1.stdout[-2000:]
+    assert sorted(two) == [1, 2, 3, 4]
+    for it in one:
+        assert two[it] == pytest.approx(one[it], rel=1e-4, abs=1e-5), (it, one, two)
+    gqa = layouts[1][(1, 1)][0]
+    assert one[1] != pytest.approx(gqa[1], rel=1e-3)  # a different draft, not the GQA one
+    hf = tmp_path / "hf"
+    c = subprocess.run([sys.executable, str(REPO / "tools/convert_checkpoint_to_hf.py"), "--load",
+                        str(root / "mla"), "--output", str(hf)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert c.returncode == 0 and "DeepseekV3ForCausalLMEagle3" in c.stdout, c.stdout + c.stderr
+    cfg = json.loads((hf / "config.json").read_text())
+    assert cfg["model_type"] == "deepseek_v3" and cfg["kv_lora_rank"] > 0
+    v = subprocess.run([sys.executable, str(REPO / "tools/validate_hf_export.py"), str(hf)],
+                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert v.returncode == 0 and "(MLA)" in v.stdout, v.stdout
+
+
+def test_eagle3_with_the_distributed_optimizer_matches(variants, layouts):
+    """DP 2 with --use-distributed-optimizer (optimizer state sharded over DP) trains the same
+    as one rank."""
+    ref = layouts[1][(1, 1)][0]
+    got, r = variants[1]["dist-opt"]
+    assert sorted(got) == [1, 2, 3, 4]
+    for it in ref:
+        assert got[it] == pytest.approx(ref[it], rel=1e-4, abs=1e-5), (it, ref, got)

@@ -20,9 +20,11 @@ megatron), and reports every problem found:
   tensors (``q_proj`` or ``q_a_proj``/``q_a_layernorm``/``q_b_proj`` when ``q_lora_rank`` is
   set, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``).
 
-An Eagle3 draft (``architectures: ["LlamaForCausalLMEagle3"]``, SGLang/vLLM/SpecForge) is
-checked for its one-layer shape, ``draft_vocab_size``, the three tapped layers
-(``eagle_config.eagle_aux_hidden_state_layer_ids``), the ``midlayer.*`` / ``fc`` /
+An Eagle3 draft (``architectures: ["LlamaForCausalLMEagle3"]``, SGLang/vLLM/SpecForge; or
+SpecForge's MLA draft ``DeepseekV3ForCausalLMEagle3`` with DeepSeek-V3's attention tensors
+and ``kv_lora_rank`` / ``qk_nope_head_dim`` / ``qk_rope_head_dim`` / ``v_head_dim`` /
+``q_lora_rank``) is checked for its one-layer shape, ``draft_vocab_size``, the three tapped
+layers (``eagle_config.eagle_aux_hidden_state_layer_ids``), the ``midlayer.*`` / ``fc`` /
 ``lm_head`` tensors and shapes, ``d2t`` (integer offsets) and ``t2d`` (bool).
 
 With ``--load-in-sglang`` (needs sglang) the export is also built with SGLang's own DSpark
@@ -421,7 +423,7 @@ def validate(path: str, engines=ENGINES) -> Report:
     if not isinstance(cfg, dict):
         report.problem("config.json is not a JSON object")
         return report
-    if EAGLE3 in (cfg.get("architectures") or []):
+    if {EAGLE3, EAGLE3_MLA} & set(cfg.get("architectures") or []):
         check_eagle3(cfg, read_tensor_index(path, report), report)
         return report
     shape = check_config(cfg, engines, report)
@@ -435,6 +437,31 @@ def validate(path: str, engines=ENGINES) -> Report:
 
 #: SGLang (models/llama_eagle3.py), vLLM and SpecForge load Eagle3 drafts under this name
 EAGLE3 = "LlamaForCausalLMEagle3"
+#: SpecForge's Eagle3 draft with DeepSeek-V3 multi-head latent attention
+EAGLE3_MLA = "DeepseekV3ForCausalLMEagle3"
+
+
+def _eagle3_attention_shapes(cfg: dict, H: int, nh: int, report: Report) -> dict:
+    """The attention tensors of an Eagle3 draft's midlayer (GQA, or DeepSeek-V3's MLA)."""
+    at = "midlayer.self_attn."
+    if EAGLE3_MLA not in (cfg.get("architectures") or []):
+        nkv = cfg.get("num_key_value_heads", nh)
+        hd = cfg.get("head_dim") or H // nh
+        return {at + "q_proj.weight": (nh * hd, 2 * H), at + "k_proj.weight": (nkv * hd, 2 * H),
+                at + "v_proj.weight": (nkv * hd, 2 * H), at + "o_proj.weight": (H, nh * hd)}
+    dims = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+    bad = [k for k in dims if not _is_int(cfg.get(k))]
+    if bad:
+        report.problem(f"eagle3: {EAGLE3_MLA} needs integer {', '.join(bad)}")
+        return {}
+    r, nope, rope, v = (cfg[k] for k in dims)
+    q_rank = cfg.get("q_lora_rank") or 0
+    qk = nope + rope
+    out = ({at + "q_a_proj.weight": (q_rank, 2 * H), at + "q_a_layernorm.weight": (q_rank,),
+            at + "q_b_proj.weight": (nh * qk, q_rank)} if q_rank else {at + "q_proj.weight": (nh * qk, 2 * H)})
+    out.update({at + "kv_a_proj_with_mqa.weight": (r + rope, 2 * H), at + "kv_a_layernorm.weight": (r,),
+                at + "kv_b_proj.weight": (nh * (nope + v), r), at + "o_proj.weight": (H, nh * v)})
+    return out
 
 
 def check_eagle3(cfg: dict, tensors: dict, report: Report) -> None:
@@ -449,7 +476,8 @@ def check_eagle3(cfg: dict, tensors: dict, report: Report) -> None:
         report.problem(f"eagle3: config.json needs integer {', '.join(missing)}")
         return
     H, nh, I, V, N = (cfg[k] for k in need)
-    nkv = cfg.get("num_key_value_heads", nh)
+    mla = EAGLE3_MLA in (cfg.get("architectures") or [])
+    nkv = nh if mla else cfg.get("num_key_value_heads", nh)
     hd = cfg.get("head_dim") or H // nh
     if cfg.get("num_hidden_layers", 1) != 1:
         report.problem(f"eagle3: num_hidden_layers {cfg.get('num_hidden_layers')}; the engines' Eagle3 "
@@ -464,8 +492,7 @@ def check_eagle3(cfg: dict, tensors: dict, report: Report) -> None:
         report.problem(f"eagle3: eagle_aux_hidden_state_layer_ids {ids!r} must be 3 layer ids >= 0")
     want = {
         "fc.weight": (H, 3 * H), "midlayer.input_layernorm.weight": (H,), "midlayer.hidden_norm.weight": (H,),
-        "midlayer.self_attn.q_proj.weight": (nh * hd, 2 * H), "midlayer.self_attn.k_proj.weight": (nkv * hd, 2 * H),
-        "midlayer.self_attn.v_proj.weight": (nkv * hd, 2 * H), "midlayer.self_attn.o_proj.weight": (H, nh * hd),
+        **_eagle3_attention_shapes(cfg, H, nh, report),
         "midlayer.post_attention_layernorm.weight": (H,), "midlayer.mlp.gate_proj.weight": (I, H),
         "midlayer.mlp.up_proj.weight": (I, H), "midlayer.mlp.down_proj.weight": (H, I),
         "norm.weight": (H,), "lm_head.weight": (N, H), "d2t": (N,), "t2d": (V,),
@@ -487,8 +514,8 @@ def check_eagle3(cfg: dict, tensors: dict, report: Report) -> None:
     if extra:
         report.problem(f"eagle3: tensors no engine reads: {extra[:5]}")
     if not report.problems:
-        report.note(f"eagle3: {EAGLE3}, H {H}, {nh}/{nkv} heads x {hd}, draft vocabulary {N} of {V}, "
-                    f"taps {ids}")
+        report.note(f"eagle3: {EAGLE3_MLA + ' (MLA)' if mla else EAGLE3}, H {H}, {nh}/{nkv} heads x {hd}, "
+                    f"draft vocabulary {N} of {V}, taps {ids}")
 
 
 def main(argv=None) -> int:
@@ -510,8 +537,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     engines = ENGINES if args.engine == "all" else (args.engine,)
     report = validate(args.path, engines)
-    eagle3 = os.path.isfile(os.path.join(args.path, "config.json")) and EAGLE3 in str(
-        json.load(open(os.path.join(args.path, "config.json"))).get("architectures"))
+    eagle3 = os.path.isfile(os.path.join(args.path, "config.json")) and any(a in str(
+        json.load(open(os.path.join(args.path, "config.json"))).get("architectures")) for a in (EAGLE3, EAGLE3_MLA))
     if args.load_in_sglang and eagle3:
         report.problem("--load-in-sglang builds DSpark drafts only; Eagle3 drafts are checked from their "
                        "config and tensor headers")

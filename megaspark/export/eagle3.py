@@ -15,6 +15,13 @@ A directory with ``config.json`` and ``model.safetensors``:
 
 SGLang (``models/llama_eagle3.py``) renames ``midlayer`` to ``layers.0``, fuses q/k/v and
 gate/up, reads ``d2t`` as its hot-token map and skips ``t2d``.
+
+An MLA draft (``--draft-attention mla``) exports as SpecForge's
+``DeepseekV3ForCausalLMEagle3`` (``model_type: "deepseek_v3"``): the same tensors except the
+attention's, which are DeepSeek-V3's (``q_proj`` or ``q_a_proj`` / ``q_a_layernorm`` /
+``q_b_proj``, ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``), and the
+config's ``q_lora_rank`` (null for none), ``kv_lora_rank``, ``qk_nope_head_dim``,
+``qk_rope_head_dim`` (= ``head_dim``), ``v_head_dim`` and, under YaRN, ``rope_scaling``.
 """
 from __future__ import annotations
 
@@ -26,21 +33,43 @@ import torch
 
 from megaspark.data.draft_vocab import DraftVocab
 from megaspark.export.hf import CONFIG_FILE, WEIGHTS_FILE, ExportError, _write_atomically
-from megaspark.models.eagle3.model import STATE_DICT_MAP, Eagle3Config
+from megaspark.models.eagle3.model import Eagle3Config, state_dict_map
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
+MLA_ARCHITECTURE = "DeepseekV3ForCausalLMEagle3"
+ARCHITECTURES = (ARCHITECTURE, MLA_ARCHITECTURE)
 EMBEDDING = "embed_tokens.weight"
+_MLA_DIMS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
+def architecture(e: Eagle3Config) -> str:
+    return MLA_ARCHITECTURE if e.is_mla else ARCHITECTURE
+
+
+def _attention_shapes(e: Eagle3Config) -> dict:
+    H, nh, at = e.hidden_size, e.num_attention_heads, "midlayer.self_attn."
+    if not e.is_mla:
+        q, kv = nh * e.kv_channels, e.num_query_groups * e.kv_channels
+        return {at + "q_proj.weight": (q, 2 * H), at + "k_proj.weight": (kv, 2 * H),
+                at + "v_proj.weight": (kv, 2 * H), at + "o_proj.weight": (H, q)}
+    qk = e.qk_nope_head_dim + e.qk_rope_head_dim
+    out = ({at + "q_a_proj.weight": (e.q_lora_rank, 2 * H), at + "q_a_layernorm.weight": (e.q_lora_rank,),
+            at + "q_b_proj.weight": (nh * qk, e.q_lora_rank)} if e.q_lora_rank > 0
+           else {at + "q_proj.weight": (nh * qk, 2 * H)})
+    out.update({at + "kv_a_proj_with_mqa.weight": (e.kv_lora_rank + e.qk_rope_head_dim, 2 * H),
+                at + "kv_a_layernorm.weight": (e.kv_lora_rank,),
+                at + "kv_b_proj.weight": (nh * (e.qk_nope_head_dim + e.v_head_dim), e.kv_lora_rank),
+                at + "o_proj.weight": (H, nh * e.v_head_dim)})
+    return out
 
 
 def tensor_shapes(e: Eagle3Config, include_embeddings: bool = False) -> dict:
     """Every tensor of an export and its shape."""
     H, V, N, I = e.hidden_size, e.vocab_size, e.draft_vocab_size, e.ffn_hidden_size
-    q, kv = e.num_attention_heads * e.kv_channels, e.num_query_groups * e.kv_channels
     shapes = {
         "fc.weight": (H, 3 * H),
         "midlayer.input_layernorm.weight": (H,), "midlayer.hidden_norm.weight": (H,),
-        "midlayer.self_attn.q_proj.weight": (q, 2 * H), "midlayer.self_attn.k_proj.weight": (kv, 2 * H),
-        "midlayer.self_attn.v_proj.weight": (kv, 2 * H), "midlayer.self_attn.o_proj.weight": (H, q),
+        **_attention_shapes(e),
         "midlayer.post_attention_layernorm.weight": (H,),
         "midlayer.mlp.gate_proj.weight": (I, H), "midlayer.mlp.up_proj.weight": (I, H),
         "midlayer.mlp.down_proj.weight": (H, I),
@@ -54,8 +83,16 @@ def tensor_shapes(e: Eagle3Config, include_embeddings: bool = False) -> dict:
 def build_config(e: Eagle3Config, layer_ids, target_config: Optional[dict] = None,
                  max_position_embeddings: int = 4096) -> dict:
     t = dict(target_config or {})
+    mla = {}
+    if e.is_mla:
+        mla = {k: getattr(e, k) for k in _MLA_DIMS}
+        mla["q_lora_rank"] = e.q_lora_rank or None  # DeepseekV3Config: None = no query compression
+        if e.rope_yarn:
+            mla["rope_scaling"] = dict({k: v for k, v in e.rope_yarn.items() if v is not None}, rope_type="yarn",
+                                       type="yarn")
     return {
-        "architectures": [ARCHITECTURE], "model_type": "llama", "num_hidden_layers": 1,
+        "architectures": [architecture(e)], "model_type": "deepseek_v3" if e.is_mla else "llama",
+        "num_hidden_layers": 1, **mla,
         "hidden_size": e.hidden_size, "num_attention_heads": e.num_attention_heads,
         "num_key_value_heads": e.num_query_groups, "head_dim": e.kv_channels,
         "intermediate_size": e.ffn_hidden_size, "hidden_act": "silu", "rms_norm_eps": e.rms_norm_eps,
@@ -106,19 +143,32 @@ def export_eagle3(tensors: dict, e: Eagle3Config, vocab: DraftVocab, layer_ids, 
 def config_to_eagle3(cfg: dict, where: str = CONFIG_FILE) -> tuple:
     """``(Eagle3Config, tapped layer ids or None)`` of an Eagle3 config.json (ours or
     SpecForge's: the TTT settings default to Eagle3's, 7 steps and 0.8)."""
-    if ARCHITECTURE not in (cfg.get("architectures") or []):
-        raise ExportError(f"{where}: not an Eagle3 draft (architectures {cfg.get('architectures')}, "
-                          f"expected {ARCHITECTURE})")
+    archs = cfg.get("architectures") or []
+    if not set(archs) & set(ARCHITECTURES):
+        raise ExportError(f"{where}: not an Eagle3 draft (architectures {archs}, expected one of "
+                          f"{list(ARCHITECTURES)})")
+    is_mla = MLA_ARCHITECTURE in archs
     if int(cfg.get("num_hidden_layers", 1)) != 1:
         raise ExportError(f"{where}: num_hidden_layers {cfg['num_hidden_layers']}; megaspark's Eagle3 "
                           "draft has one decoder layer")
     try:
         H, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
         ttt = cfg.get("megaspark_eagle3", {})
+        mla = {}
+        if is_mla:
+            from megaspark.config import yarn_parameters
+
+            mla = {k: int(cfg.get(k) or 0) for k in _MLA_DIMS}
+            mla["attention_type"] = "mla"
+            scaling = cfg.get("rope_scaling") or {}
+            if (scaling.get("rope_type") or scaling.get("type")) == "yarn":
+                mla["rope_yarn"] = yarn_parameters(scaling, int(cfg.get("max_position_embeddings", 4096)))
         e = Eagle3Config(
+            **mla,
             hidden_size=H, num_attention_heads=heads,
-            num_query_groups=int(cfg.get("num_key_value_heads", heads)),
-            kv_channels=int(cfg.get("head_dim") or H // heads),
+            # MLA: every head its own KV head, kv_channels the rope dims (DeepseekV3's head_dim)
+            num_query_groups=heads if is_mla else int(cfg.get("num_key_value_heads", heads)),
+            kv_channels=mla["qk_rope_head_dim"] if is_mla else int(cfg.get("head_dim") or H // heads),
             ffn_hidden_size=int(cfg["intermediate_size"]), vocab_size=int(cfg["vocab_size"]),
             draft_vocab_size=int(cfg.get("draft_vocab_size") or cfg["vocab_size"]),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=float(cfg.get("rope_theta", 10000.0)),
@@ -185,7 +235,7 @@ def gather_hf_tensors(model) -> dict:
     tp = parallel_state.get_tensor_model_parallel_world_size()
     params = dict(model.named_parameters())
     out = {}
-    for name, (hf, dim) in STATE_DICT_MAP.items():
+    for name, (hf, dim) in state_dict_map(model.eagle3_config).items():
         p = params[name].detach()
         if dim is not None and tp > 1:
             parts = [torch.empty_like(p) for _ in range(tp)]
@@ -200,7 +250,7 @@ def is_eagle3(path) -> bool:
     cfg = os.path.join(str(path), CONFIG_FILE)
     if os.path.isfile(cfg):
         with open(cfg) as f:
-            return ARCHITECTURE in (json.load(f).get("architectures") or [])
+            return bool(set(json.load(f).get("architectures") or []) & set(ARCHITECTURES))
     try:
         return is_eagle3_checkpoint(path)
     except Exception:  # noqa: BLE001 - not a checkpoint either: the caller's loader says why
@@ -263,8 +313,8 @@ def export_eagle3_checkpoint(ckpt_dir, out_dir, include_embeddings: bool = False
     export_eagle3(tensors, e, vocab, layer_ids, out_dir, target_config, include_embeddings=include_embeddings)
     return dict(checkpoint=ckpt, output=os.path.abspath(str(out_dir)), layout="eagle3",
                 iteration=saved.get("iteration"), parallel_layout=saved.get("parallel_layout"),
-                target=target, include_embeddings=include_embeddings, architecture=ARCHITECTURE)
+                target=target, include_embeddings=include_embeddings, architecture=architecture(e))
 
 
 __all__ = ["export_eagle3", "export_eagle3_checkpoint", "is_eagle3_checkpoint", "is_eagle3", "load_eagle3", "read_eagle3", "config_to_eagle3", "build_config", "tensor_shapes",
-           "gather_hf_tensors", "ARCHITECTURE"]
+           "gather_hf_tensors", "ARCHITECTURE", "MLA_ARCHITECTURE", "ARCHITECTURES", "architecture"]

@@ -31,7 +31,6 @@ from megaspark.inference.metrics import RoundRecord, SpecStats
 from megaspark.inference.sampling import is_greedy, probabilities, sample, sample_logits, verify
 from megaspark.inference.speculative import GenerationOutput, _Emitter, _generator, _inference_mode
 from megaspark.inference.target import CachedTarget
-from megaspark.models.dspark.rope import apply_rope, rope_cos_sin
 
 
 class Eagle3Proposer:
@@ -55,23 +54,16 @@ class Eagle3Proposer:
         self.cached = 0
 
     def _qkv(self, emb, g, pos):
-        """Rows [n, H] at positions ``pos`` [n] → q [1, nh, n, hd], k, v [1, nkv, n, hd]."""
-        m, hd = self.m, self.e.kv_channels
-        n = emb.shape[0]
+        """Rows [n, H] at positions ``pos`` [n] → q [1, nh, n, dq], k [1, nkv, n, dq], v
+        (the draft's own projections and RoPE: GQA or MLA)."""
+        m = self.m
         a = torch.cat([m.input_layernorm(emb), m.hidden_norm(g)], dim=-1)[:, None]  # [n, 1, 2H]
-        q, _ = m.linear_q(a)
-        k, _ = m.linear_k(a)
-        v, _ = m.linear_v(a)
-        cos, sin = rope_cos_sin(pos[None], hd, self.e.rope_theta)
-        q = apply_rope(q.view(n, 1, -1, hd).permute(1, 2, 0, 3), cos, sin)
-        k = apply_rope(k.view(n, 1, -1, hd).permute(1, 2, 0, 3), cos, sin)
-        return q, k, v.view(n, 1, -1, hd).permute(1, 2, 0, 3)
+        return m.qkv(a, *m.rope(pos[None]))
 
     def _finish(self, att, g):
-        """Attention output [1, nh, 1, hd] of one row and its residual g [1, H] → o [1, H]."""
+        """Attention output [1, nh, 1, dv] of one row and its residual g [1, H] → o [1, H]."""
         m = self.m
-        out, _ = m.linear_proj(att.permute(2, 0, 1, 3).reshape(1, 1, -1))
-        h = g[:, None] + out
+        h = g[:, None] + m.attention_output(att)
         x = m.post_attention_layernorm(h)
         gate, _ = m.linear_gate(x)
         up, _ = m.linear_up(x)
@@ -83,7 +75,7 @@ class Eagle3Proposer:
         rep = q.shape[1] // self.k.shape[1]
         k = torch.cat([self.k] + chain_k, dim=2).repeat_interleave(rep, dim=1)
         v = torch.cat([self.v] + chain_v, dim=2).repeat_interleave(rep, dim=1)
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.e.kv_channels ** -0.5
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.e.softmax_scale
         return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
 
     def _logits(self, o):

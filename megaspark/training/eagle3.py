@@ -30,19 +30,28 @@ def default_layer_ids(num_target_layers: int) -> list:
 
 
 def eagle3_config(args, hf_config) -> Eagle3Config:
-    """The draft's shape from the target's config and the flags (like the DSpark draft's:
-    the target's hidden size, heads, head width and FFN unless overridden)."""
+    """The draft's shape from the target's config and the flags, derived exactly as the
+    DSpark draft's attention (:meth:`megaspark.config.DSparkConfig.from_hf_config`): the
+    target's hidden size and heads (a TP-friendly head shape of the same width when the
+    target's head counts are odd, e.g. SmolLM2's 9/3), ``--draft-attention mla`` (the
+    default for DeepSeek targets) with DeepSeek-V3's latent-attention dims and YaRN, the
+    target's FFN (a DeepSeek target's dense one) unless overridden."""
+    from megaspark.training.pretrain import draft_config
+
+    d = draft_config(args, hf_config)
     H = int(hf_config.hidden_size)
-    heads = int(args.num_attention_heads or hf_config.num_attention_heads)
-    groups = int(args.num_query_groups or getattr(hf_config, "num_key_value_heads", None) or heads)
-    head_dim = int(args.kv_channels or getattr(hf_config, "head_dim", None) or H // heads)
     V = int(hf_config.vocab_size)
+    mla = {}
+    if d.is_mla:
+        mla = dict(attention_type="mla", q_lora_rank=d.q_lora_rank, kv_lora_rank=d.kv_lora_rank,
+                   qk_nope_head_dim=d.qk_nope_head_dim, qk_rope_head_dim=d.qk_rope_head_dim,
+                   v_head_dim=d.v_head_dim, rope_yarn=d.rope_yarn)
     return Eagle3Config(
-        hidden_size=H, num_attention_heads=heads, num_query_groups=groups, kv_channels=head_dim,
-        ffn_hidden_size=int(args.ffn_hidden_size or hf_config.intermediate_size), vocab_size=V,
-        draft_vocab_size=min(int(args.draft_vocab_size), V),
-        rms_norm_eps=float(getattr(hf_config, "rms_norm_eps", 1e-6)),
-        rope_theta=float(getattr(hf_config, "rope_theta", 10000.0) or 10000.0), ttt_steps=int(args.ttt_steps),
+        **mla, hidden_size=H, num_attention_heads=d.num_attention_heads,
+        num_query_groups=d.num_attention_heads if d.is_mla else d.num_query_groups,
+        kv_channels=d.qk_rope_head_dim if d.is_mla else d.kv_channels,
+        ffn_hidden_size=d.ffn_hidden_size, vocab_size=V, draft_vocab_size=min(int(args.draft_vocab_size), V),
+        rms_norm_eps=d.rms_norm_eps, rope_theta=d.rope_theta, ttt_steps=int(args.ttt_steps),
     ).validate(args.tensor_model_parallel_size)
 
 
@@ -158,8 +167,6 @@ def run(args, hf_config):
 
     if args.pipeline_model_parallel_size != 1:
         raise ValueError("--algorithm eagle3: the draft is one layer; use --pipeline-model-parallel-size 1")
-    if args.draft_attention == "mla":
-        raise ValueError("--algorithm eagle3 --draft-attention mla is not built yet (GQA drafts only)")
     e = eagle3_config(args, hf_config)
     args.target_layer_ids_resolved = list(args.target_layer_ids or default_layer_ids(hf_config.num_hidden_layers))
     if len(args.target_layer_ids_resolved) != 3:
@@ -193,8 +200,11 @@ def run(args, hf_config):
         model.set_draft_vocab(model.draft_to_target)  # the checkpoint's vocabulary rules
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log0(f"megaspark: target {args.target_model} ({hf_config.model_type}, {hf_config.num_hidden_layers} layers, "
-          f"taps {args.target_layer_ids_resolved}) | eagle3: H {e.hidden_size}, heads {e.num_attention_heads}/"
-          f"{e.num_query_groups}x{e.kv_channels}, FFN {e.ffn_hidden_size}, draft vocabulary {e.draft_vocab_size} "
+          f"taps {args.target_layer_ids_resolved}) | eagle3: H {e.hidden_size}, "
+          + (f"MLA {e.num_attention_heads} heads, latent {e.kv_lora_rank}, nope/rope/v {e.qk_nope_head_dim}/"
+             f"{e.qk_rope_head_dim}/{e.v_head_dim}" if e.is_mla else
+             f"heads {e.num_attention_heads}/{e.num_query_groups}x{e.kv_channels}")
+          + f", FFN {e.ffn_hidden_size}, draft vocabulary {e.draft_vocab_size} "
           f"of {e.vocab_size}, TTT steps {e.ttt_steps} | TP {args.tensor_model_parallel_size} DP "
           f"{args.data_parallel_size}, {args.num_microbatches} micro-batches/step | trainable params on "
           f"this rank {n_train:,} | data {len(train_data)} train / {len(valid_data) if valid_data else 0} "

@@ -83,7 +83,11 @@ class DualSourceMLASubmodules:
 class DualSourceMLA(MegatronModule):
     """Tensor-parallel dual-source multi-head latent attention (see the module docstring)."""
 
-    def __init__(self, config, dspark_config, submodules: Optional[DualSourceMLASubmodules] = None):
+    def __init__(self, config, dspark_config, submodules: Optional[DualSourceMLASubmodules] = None,
+                 input_size: Optional[int] = None):
+        """``input_size``: width of the projections' input (default the hidden size; the
+        Eagle3 draft's attention reads ``[embedding; hidden]``, twice as wide); the output
+        projection always returns the hidden size."""
         super().__init__(config=config)
         from megaspark.models.dspark.layer import RMSNorm
 
@@ -103,6 +107,7 @@ class DualSourceMLA(MegatronModule):
         self.backend = d.attention_backend
         self.chunk_blocks = d.attention_chunk_blocks
         H, nh, eps = config.hidden_size, config.num_attention_heads, config.layernorm_epsilon
+        H_in = input_size or H
         norm_cls = submodules.latent_layernorm or RMSNorm
 
         def replicated_linear(n_in, n_out):
@@ -119,12 +124,12 @@ class DualSourceMLA(MegatronModule):
 
         # construction order fixes the seeded initialisation; keep it stable
         if self.q_lora_rank > 0:
-            self.linear_q_down_proj = replicated_linear(H, self.q_lora_rank)
+            self.linear_q_down_proj = replicated_linear(H_in, self.q_lora_rank)
             self.q_down_layernorm = norm_cls(config, hidden_size=self.q_lora_rank, eps=eps)
             self.linear_q_up_proj = column(submodules.linear_q_up_proj, self.q_lora_rank, nh * self.qk_dim)
         else:
-            self.linear_q = column(submodules.linear_q, H, nh * self.qk_dim)
-        self.linear_kv_down_proj = replicated_linear(H, self.kv_lora_rank + self.rope_dim)
+            self.linear_q = column(submodules.linear_q, H_in, nh * self.qk_dim)
+        self.linear_kv_down_proj = replicated_linear(H_in, self.kv_lora_rank + self.rope_dim)
         self.kv_down_layernorm = norm_cls(config, hidden_size=self.kv_lora_rank, eps=eps)
         self.linear_kv_up_proj = column(submodules.linear_kv_up_proj, self.kv_lora_rank,
                                         nh * (self.nope_dim + self.v_dim))

@@ -1,5 +1,4 @@
-"""The Eagle3 draft on megatron-core tensor-parallel layers (issue 16; the training loop,
-export and inference are not wired to it yet, see docs/STATUS.md).
+"""The Eagle3 draft on megatron-core tensor-parallel layers (``--algorithm eagle3``).
 
 One decoder layer whose attention reads ``[RMSNorm(embed(x)); RMSNorm(g)]`` (width 2H),
 unrolled for ``ttt_steps`` test-time-training steps: step 0 takes ``g = fc(aux)`` (three
@@ -16,6 +15,13 @@ cross-entropy.
 Tensor parallelism as in Megatron: q/k/v, gate/up and both heads column-parallel (heads,
 FFN and vocabularies split over TP), ``o_proj`` / ``down`` / ``fc`` row-parallel.
 Activations are sequence-first ``[S, b, ·]``.
+
+``attention_type = "mla"`` (``--draft-attention mla``) gives the DeepSeek-V3-shaped draft
+(SpecForge's ``DeepseekV3ForCausalLMEagle3``): the same layer with multi-head latent
+attention — megaspark's :class:`~megaspark.models.dspark.mla.DualSourceMLA` projections and
+TP split over the 2H-wide input (compressed KV latent, per-head nope/rope query and key dims
+with one shared interleaved-RoPE key, YaRN softmax scale), every head its own KV head in the
+TTT attention.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megaspark.models.dspark.layer import RMSNorm
 from megaspark.models.dspark.model import seeded_init
-from megaspark.models.dspark.rope import apply_rope, rope_cos_sin
+from megaspark.models.dspark.rope import apply_rope, apply_rope_interleaved, rope_cos_sin
 
 
 @dataclass
@@ -47,11 +53,54 @@ class Eagle3Config:
     ttt_steps: int = 7
     step_decay: float = 0.8
     init_std: float = 0.02
+    # "mla": DeepSeek-V3 latent attention (num_query_groups = heads, kv_channels = the rope dim)
+    attention_type: str = "gqa"
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_yarn: Optional[dict] = None  # resolved YaRN parameters (megaspark.config.yarn_parameters)
+
+    # what DualSourceMLA reads besides the shape (its block-attention kernels are not used here)
+    attention_backend = "dense"
+    attention_chunk_blocks = 1
+
+    @property
+    def is_mla(self) -> bool:
+        return self.attention_type == "mla"
+
+    @property
+    def rope_head_dim(self) -> int:
+        return self.qk_rope_head_dim if self.is_mla else self.kv_channels
+
+    @property
+    def softmax_scale(self) -> float:
+        """``qk_head_dim^-1/2``; MLA under YaRN times ``mscale²`` (as the DSpark MLA draft)."""
+        from megaspark.config import yarn_get_mscale
+
+        if not self.is_mla:
+            return self.kv_channels ** -0.5
+        scale = (self.qk_nope_head_dim + self.qk_rope_head_dim) ** -0.5
+        if self.rope_yarn and self.rope_yarn.get("mscale_all_dim"):
+            m = yarn_get_mscale(self.rope_yarn["factor"], self.rope_yarn["mscale_all_dim"])
+            scale = scale * m * m
+        return scale
 
     def validate(self, tp: int = 1) -> "Eagle3Config":
         def need(ok, msg):
             if not ok:
                 raise ValueError(msg)
+
+        need(self.attention_type in ("gqa", "mla"), f"--draft-attention {self.attention_type!r}: gqa or mla")
+        if self.is_mla:
+            need(self.kv_lora_rank > 0, f"--kv-lora-rank must be > 0 for an MLA draft, got {self.kv_lora_rank}")
+            need(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
+                 f"--qk-rope-head-dim must be even and > 0 (RoPE rotates pairs), got {self.qk_rope_head_dim}")
+            need(self.qk_nope_head_dim >= 0 and self.v_head_dim > 0 and self.q_lora_rank >= 0,
+                 "MLA needs --qk-nope-head-dim >= 0, --v-head-dim > 0 and --q-lora-rank >= 0")
+            need(self.num_query_groups == self.num_attention_heads and self.kv_channels == self.qk_rope_head_dim,
+                 "an MLA draft has one KV head per query head and kv_channels = --qk-rope-head-dim")
 
         need(self.ttt_steps >= 1, f"--ttt-steps {self.ttt_steps} must be >= 1")
         need(0 < self.step_decay <= 1, f"the step decay {self.step_decay} must be in (0, 1]")
@@ -80,7 +129,8 @@ class Eagle3Config:
     def shape_signature(self) -> dict:
         """Fields that must match for a checkpoint to load into this draft."""
         keys = ("hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "ffn_hidden_size",
-                "vocab_size", "draft_vocab_size", "ttt_steps")
+                "vocab_size", "draft_vocab_size", "ttt_steps", "attention_type", "q_lora_rank", "kv_lora_rank",
+                "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
         return {k: getattr(self, k) for k in keys}
 
     def transformer_config(self, tensor_model_parallel_size: int = 1, params_dtype=torch.float32):
@@ -97,7 +147,8 @@ class Eagle3Config:
             ffn_hidden_size=self.ffn_hidden_size, add_bias_linear=False, hidden_dropout=0.0,
             attention_dropout=0.0, init_method=init, output_layer_init_method=init,
             init_method_std=self.init_std, tensor_model_parallel_size=tensor_model_parallel_size,
-            params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16, use_cpu_initialization=True, gradient_accumulation_fusion=False,
+            params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16, use_cpu_initialization=True,
+            gradient_accumulation_fusion=False, layernorm_epsilon=self.rms_norm_eps,
             bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         )
 
@@ -122,6 +173,29 @@ STATE_DICT_MAP = {
     "lm_head.weight": ("lm_head.weight", 0),
 }
 FROZEN = ("embedding.weight", "target_head.weight", "target_draft_head.weight")
+_ATTENTION = ("linear_q.weight", "linear_k.weight", "linear_v.weight", "linear_proj.weight")
+
+
+def state_dict_map(e: Eagle3Config) -> dict:
+    """:data:`STATE_DICT_MAP` of a draft: for MLA the attention's tensors are DeepSeek-V3's
+    (``q_proj`` or ``q_a_proj`` / ``q_a_layernorm`` / ``q_b_proj``, ``kv_a_proj_with_mqa``,
+    ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``; the down-projections and latent norms
+    replicated over TP, the rest split by heads)."""
+    if not e.is_mla:
+        return dict(STATE_DICT_MAP)
+    out = {k: v for k, v in STATE_DICT_MAP.items() if k not in _ATTENTION}
+    a, hf = "self_attention.", "midlayer.self_attn."
+    if e.q_lora_rank > 0:
+        out.update({a + "linear_q_down_proj.weight": (hf + "q_a_proj.weight", None),
+                    a + "q_down_layernorm.weight": (hf + "q_a_layernorm.weight", None),
+                    a + "linear_q_up_proj.weight": (hf + "q_b_proj.weight", 0)})
+    else:
+        out[a + "linear_q.weight"] = (hf + "q_proj.weight", 0)
+    out.update({a + "linear_kv_down_proj.weight": (hf + "kv_a_proj_with_mqa.weight", None),
+                a + "kv_down_layernorm.weight": (hf + "kv_a_layernorm.weight", None),
+                a + "linear_kv_up_proj.weight": (hf + "kv_b_proj.weight", 0),
+                a + "linear_proj.weight": (hf + "o_proj.weight", 1)})
+    return out
 
 
 def ttt_attention(q: torch.Tensor, ks: list, vs: list, scale: float) -> torch.Tensor:
@@ -213,10 +287,16 @@ class Eagle3Draft(MegatronModule):
         self.fc = row("fc", 3 * H, H, input_is_parallel=False)
         self.input_layernorm = RMSNorm(config, H, e.rms_norm_eps)
         self.hidden_norm = RMSNorm(config, H, e.rms_norm_eps)
-        self.linear_q = column("q", 2 * H, nh * hd)
-        self.linear_k = column("k", 2 * H, nkv * hd)
-        self.linear_v = column("v", 2 * H, nkv * hd)
-        self.linear_proj = row("o", nh * hd, H, input_is_parallel=True)
+        if e.is_mla:
+            from megaspark.models.dspark.mla import DualSourceMLA
+
+            with seeded_init(seed, "mla"):
+                self.self_attention = DualSourceMLA(config, e, input_size=2 * H)
+        else:
+            self.linear_q = column("q", 2 * H, nh * hd)
+            self.linear_k = column("k", 2 * H, nkv * hd)
+            self.linear_v = column("v", 2 * H, nkv * hd)
+            self.linear_proj = row("o", nh * hd, H, input_is_parallel=True)
         self.post_attention_layernorm = RMSNorm(config, H, e.rms_norm_eps)
         self.linear_gate = column("gate", H, I)
         self.linear_up = column("up", H, I)
@@ -269,21 +349,49 @@ class Eagle3Draft(MegatronModule):
         self.input_tensor = input_tensor
 
     # ------------------------------------------------------------------ forward
-    def _layer(self, emb, g, ks, vs, cos, sin):
-        S, b, _ = g.shape
+    def rope(self, positions: torch.Tensor):
+        """(cos, sin) [b, S, rope dim] of positions [b, S]."""
+        e = self.eagle3_config
+        return rope_cos_sin(positions, e.rope_head_dim, e.rope_theta, yarn=e.rope_yarn)
+
+    def qkv(self, a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Attention input a [S, b, 2H] → rotated q [b, nh, S, dq], k [b, nkv, S, dq] and v
+        [b, nkv, S, dv] of this rank's heads (MLA: nkv = nh, dq = nope + rope)."""
+        S, b, _ = a.shape
+        if self.eagle3_config.is_mla:
+            attn = self.self_attention
+            q_nope, q_pe = attn._queries(a)
+            latent, k_pe = attn._latent(a)
+            if attn.tp > 1:  # every rank's heads read the one shared key
+                k_pe = tensor_parallel.copy_to_tensor_model_parallel_region(k_pe)
+            kv, _ = attn.linear_kv_up_proj(latent)
+            kv = kv.view(S, b, attn.heads_per_rank, attn.nope_dim + attn.v_dim).permute(1, 2, 0, 3)
+            k_pe = apply_rope_interleaved(k_pe, cos, sin).expand(-1, attn.heads_per_rank, -1, -1)
+            q = torch.cat([q_nope, apply_rope_interleaved(q_pe, cos, sin)], dim=-1)
+            return q, torch.cat([kv[..., :attn.nope_dim], k_pe], dim=-1), kv[..., attn.nope_dim:]
         hd, nq, nkv = self.head_dim, self.heads_per_rank, self.groups_per_rank
-        a = torch.cat([self.input_layernorm(emb), self.hidden_norm(g)], dim=-1)
         q, _ = self.linear_q(a)
         k, _ = self.linear_k(a)
         v, _ = self.linear_v(a)
         q = apply_rope(q.view(S, b, nq, hd).permute(1, 2, 0, 3), cos, sin)
         k = apply_rope(k.view(S, b, nkv, hd).permute(1, 2, 0, 3), cos, sin)
+        return q, k, v.view(S, b, nkv, hd).permute(1, 2, 0, 3)
+
+    def attention_output(self, att: torch.Tensor) -> torch.Tensor:
+        """att [b, nh, S, dv] → o_proj output [S, b, H]."""
+        if self.eagle3_config.is_mla:
+            return self.self_attention._output(att)
+        b, nh, S, dv = att.shape
+        out, _ = self.linear_proj(att.permute(2, 0, 1, 3).reshape(S, b, nh * dv))
+        return out
+
+    def _layer(self, emb, g, ks, vs, cos, sin):
+        a = torch.cat([self.input_layernorm(emb), self.hidden_norm(g)], dim=-1)
+        q, k, v = self.qkv(a, cos, sin)
         ks.append(k)
-        vs.append(v.view(S, b, nkv, hd).permute(1, 2, 0, 3))
-        att = ttt_attention(q, ks, vs, hd ** -0.5)
-        att = att.permute(2, 0, 1, 3).reshape(S, b, nq * hd)
-        out, _ = self.linear_proj(att)
-        h = g + out
+        vs.append(v)
+        att = ttt_attention(q, ks, vs, self.eagle3_config.softmax_scale)
+        h = g + self.attention_output(att)
         m = self.post_attention_layernorm(h)
         gate, _ = self.linear_gate(m)
         up, _ = self.linear_up(m)
@@ -297,7 +405,7 @@ class Eagle3Draft(MegatronModule):
         S, b, _ = aux.shape
         g, _ = self.fc(aux.to(self.fc.weight.dtype))  # features arrive in the target's dtype
         pos = torch.arange(S, device=aux.device)[None].expand(b, S)
-        cos, sin = rope_cos_sin(pos, self.head_dim, e.rope_theta)
+        cos, sin = self.rope(pos)
         ids = input_ids.t()  # [S, b]
         ks, vs, logits = [], [], []
         for t in range(e.ttt_steps):
@@ -385,11 +493,12 @@ def load_hf_tensors(model: Eagle3Draft, tensors: dict, target_lm_head: Optional[
         with torch.no_grad():
             p.copy_(shard.to(p.dtype))
 
-    for name, (hf, dim) in STATE_DICT_MAP.items():
+    for name, (hf, dim) in state_dict_map(model.eagle3_config).items():
         put(name, tensors[hf], dim)
     if target_lm_head is not None:
         put("target_head.weight", target_lm_head, 0)
         put("target_draft_head.weight", target_lm_head[model.draft_to_target.cpu()], 0)
 
 
-__all__ = ["Eagle3Config", "Eagle3Draft", "ttt_attention", "load_hf_tensors", "STATE_DICT_MAP", "FROZEN"]
+__all__ = ["Eagle3Config", "Eagle3Draft", "ttt_attention", "load_hf_tensors", "STATE_DICT_MAP", "FROZEN",
+           "state_dict_map"]
