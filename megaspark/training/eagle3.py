@@ -29,16 +29,14 @@ def default_layer_ids(num_target_layers: int) -> list:
     return ids
 
 
-def eagle3_config(args, hf_config) -> Eagle3Config:
+def eagle3_config(args, hf_config, d) -> Eagle3Config:
     """The draft's shape from the target's config and the flags, derived exactly as the
     DSpark draft's attention (:meth:`megaspark.config.DSparkConfig.from_hf_config`): the
     target's hidden size and heads (a TP-friendly head shape of the same width when the
     target's head counts are odd, e.g. SmolLM2's 9/3), ``--draft-attention mla`` (the
     default for DeepSeek targets) with DeepSeek-V3's latent-attention dims and YaRN, the
-    target's FFN (a DeepSeek target's dense one) unless overridden."""
-    from megaspark.training.pretrain import draft_config
-
-    d = draft_config(args, hf_config)
+    target's FFN (a DeepSeek target's dense one) unless overridden. ``d``: the
+    :class:`~megaspark.config.DSparkConfig` the flags give (``pretrain.draft_config``)."""
     H = int(hf_config.hidden_size)
     V = int(hf_config.vocab_size)
     mla = {}
@@ -154,7 +152,7 @@ class Eagle3Trainer(Trainer):
         return metrics.get("eagle3_ce", float("nan"))
 
 
-def run(args, hf_config):
+def run(args, hf_config, dcfg):
     """``pretrain`` for ``--algorithm eagle3``, after the process groups exist: target,
     draft vocabulary (rank 0 counts the training split's supervised tokens), draft, data,
     resume, loop."""
@@ -167,7 +165,7 @@ def run(args, hf_config):
 
     if args.pipeline_model_parallel_size != 1:
         raise ValueError("--algorithm eagle3: the draft is one layer; use --pipeline-model-parallel-size 1")
-    e = eagle3_config(args, hf_config)
+    e = eagle3_config(args, hf_config, dcfg)
     args.target_layer_ids_resolved = list(args.target_layer_ids or default_layer_ids(hf_config.num_hidden_layers))
     if len(args.target_layer_ids_resolved) != 3:
         raise ValueError(f"--algorithm eagle3 taps 3 target layers, got --target-layer-ids "

@@ -141,11 +141,11 @@ def pretrain(model_provider, forward_step, argv=None):
         torch.distributed.barrier()
         hf_config = load_config_offline(resolve_target(args.target_model)).get_text_config()
 
-    if args.algorithm == "eagle3":
+    dcfg = draft_config(args, hf_config)
+    if args.algorithm == "eagle3":  # its attention shape is derived as the DSpark draft's
         from megaspark.training.eagle3 import run
 
-        return run(args, hf_config)
-    dcfg = draft_config(args, hf_config)
+        return run(args, hf_config, dcfg)
     if not dcfg.qk_norm and dcfg.attention_type == "gqa" and torch.distributed.get_rank() == 0:
         print("megaspark: warning: --no-qk-norm: the draft layers have no per-head q/k norms. "
               "SGLang and vLLM build DSpark drafts with them and would serve this draft with norms "
