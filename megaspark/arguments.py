@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
                    help="interleaved 1F1B: draft layers per virtual stage (needs "
                    "--pipeline-model-parallel-size > 1)")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="megatron sequence parallelism over the TP group (the residual stream holds "
+                   "S/tp positions per rank); --algorithm eagle3 only, needs TP > 1")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="shard optimizer state over data-parallel ranks (megatron-core "
                    "DistributedOptimizer); checkpoints stay reshardable")
@@ -269,6 +272,13 @@ def validate_args(args, world_size: int) -> None:
     args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
     need(args.seq_length >= 2, "--seq-length must be >= 2")
     need(args.pad_to_multiple >= 0, "--pad-to-multiple must be >= 0")
+    if args.sequence_parallel:
+        need(args.algorithm == "eagle3", "--sequence-parallel is built for --algorithm eagle3 only "
+             "(the DSpark draft has no sequence-parallel layers yet)")
+        need(tp > 1, "--sequence-parallel needs --tensor-model-parallel-size > 1")
+        need(args.seq_length % tp == 0 and args.pad_to_multiple % tp == 0,
+             f"--sequence-parallel splits every micro-batch's sequence over {tp} TP ranks: --seq-length "
+             f"{args.seq_length} and --pad-to-multiple {args.pad_to_multiple} must be divisible by {tp}")
     need(args.train_iters >= 1, "--train-iters must be >= 1")
     need(args.lr >= 0 and args.min_lr >= 0, "--lr and --min-lr must be >= 0")
     need(args.min_lr <= args.lr, f"--min-lr {args.min_lr} exceeds --lr {args.lr}")

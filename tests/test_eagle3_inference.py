@@ -76,7 +76,7 @@ def _worker(rank, world_size):
         for prompt in ([1, 2, 3], [5, 7, 1, 1, 0, 9]):
             a = spec.generate(prompt, 20).tokens
             b = plain.generate(prompt, 20).tokens
-            res["greedy"].append((k, a, b, spec.generate(prompt, 20).stats.acceptance_length))
+            res["greedy"].append((k, a, b, spec.generate(prompt, 20).stats.acceptance_length()))
     spec = Eagle3SpeculativeDecoder(_draft(target, scale=10.0), target, TAPS, num_speculative_tokens=2)
     V = target.config.vocab_size
     counts = torch.zeros(V, V, V, dtype=torch.float64)
@@ -112,3 +112,51 @@ def test_sampling_matches_the_target_distribution(engine):
     for obs, probs in ((counts, exact), (counts.sum(2), exact.sum(2)), (counts.sum((0, 1)), exact.sum((0, 1)))):
         stat, dof, pval = chi_square(obs, probs)
         assert pval > MIN_P_VALUE, (stat, dof, pval)
+
+
+SMOL_NEW = 24
+
+
+def _smollm2_worker(rank, world_size):
+    from megaspark.inference import TargetDecoder
+    from megaspark.inference.eagle3 import Eagle3SpeculativeDecoder
+    from megaspark.models.eagle3.model import Eagle3Config, Eagle3Draft
+    from megaspark.parallel import initialize_distributed
+    from megaspark.targets.hf import HFTargetProvider
+
+    initialize_distributed(tensor_model_parallel_size=1)
+    taps = [1, 14, 26]  # Eagle3's default rule for SmolLM2's 30 layers
+    provider = HFTargetProvider("builtin:smollm2-135m", layer_ids=taps)
+    target, tok = provider.model, provider.tokenizer
+    text = tok.apply_chat_template([{"role": "user", "content": "Write a haiku about the sea."}],
+                                   tokenize=False, add_generation_prompt=True)
+    prompt = tok(text, add_special_tokens=False)["input_ids"]
+    out = {"ref": TargetDecoder(target).generate(prompt, SMOL_NEW).tokens}
+    cfg = target.config
+    for mla in (False, True):
+        shape = (dict(attention_type="mla", num_query_groups=8, kv_channels=36, kv_lora_rank=288,
+                      qk_nope_head_dim=72, qk_rope_head_dim=36, v_head_dim=72) if mla
+                 else dict(num_query_groups=4, kv_channels=72))
+        e = Eagle3Config(hidden_size=cfg.hidden_size, num_attention_heads=8, **shape,
+                         ffn_hidden_size=cfg.intermediate_size, vocab_size=cfg.vocab_size, draft_vocab_size=4096,
+                         ttt_steps=3)
+        ids = torch.randperm(cfg.vocab_size, generator=torch.Generator().manual_seed(int(mla)))[:4096].sort().values
+        model = Eagle3Draft(e.transformer_config(1), e, ids).eval()
+        with torch.no_grad():
+            model.embedding.weight.copy_(target.model.embed_tokens.weight)
+        spec = Eagle3SpeculativeDecoder(model, target, taps, num_speculative_tokens=3)
+        res = spec.generate(prompt, SMOL_NEW)
+        out["mla" if mla else "gqa"] = (res.tokens, res.stats.acceptance_length())
+    return out
+
+
+@pytest.mark.slow
+def test_greedy_lossless_with_smollm2():
+    """Random GQA and MLA Eagle3 drafts of SmolLM2's shape against the real SmolLM2-135M:
+    greedy speculative decoding gives exactly the target's greedy continuation."""
+    out = run_distributed(_smollm2_worker, 1)[0]
+    assert len(out["ref"]) == SMOL_NEW
+    for variant in ("gqa", "mla"):
+        tokens, tau = out[variant]
+        assert tokens == out["ref"], variant
+        assert tau >= 1.0

@@ -1,8 +1,8 @@
 """megaspark's tensor-parallel Eagle3 draft (megaspark/models/eagle3) against the
 independent reference (tests/eagle3_reference.py, float64): per-step draft logits, the
 decayed token-pooled soft-CE loss, the per-step accuracies and τ, and the gradient of every
-trainable tensor, at TP = 1 and TP = 2, for the GQA draft and the MLA (DeepSeek-V3-shaped)
-draft with and without a query rank (issue 16). The TTT attention equals attention over the
+trainable tensor, at TP = 1 and TP = 2 (with and without sequence parallelism), for the GQA
+draft and the MLA (DeepSeek-V3-shaped) draft with and without a query rank (issue 16). The TTT attention equals attention over the
 explicitly concatenated steps."""
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ CFG = dict(hidden_size=16, num_heads=4, num_kv_heads=2, head_dim=8, intermediate
 MLA = dict(CFG, attention="mla", num_kv_heads=4, head_dim=4, qk_nope_head_dim=6, qk_rope_head_dim=4,
            v_head_dim=5, kv_lora_rank=10, q_lora_rank=0)
 CONFIGS = {"gqa": CFG, "mla": MLA, "mla_q_lora": dict(MLA, q_lora_rank=6)}
+LAYOUTS = [(1, False), (2, False), (2, True)]  # (TP, sequence parallel)
 
 
 def case(seed=0, b=2, S=12, cfg=CFG):
@@ -53,18 +54,23 @@ def _worker(rank, world_size):
     from megaspark.parallel import initialize_distributed
 
     out = {}
-    for (tp, variant) in [(tp, v) for tp in (1, 2) for v in CONFIGS]:
+    for (tp, sp, variant) in [(tp, sp, v) for tp, sp in LAYOUTS for v in CONFIGS]:
         initialize_distributed(tensor_model_parallel_size=tp)
         cfg = CONFIGS[variant]
         e = _config(cfg)
         w, ids, mask, aux, last, w_lm, d2t = case(cfg=cfg)
-        model = Eagle3Draft(e.transformer_config(tp), e, d2t)
+        model = Eagle3Draft(e.transformer_config(tp, sequence_parallel=sp), e, d2t)
+        assert model.sequence_parallel == sp
         load_hf_tensors(model, w, target_lm_head=w_lm)
         logits = model(ids, aux.float().transpose(0, 1).contiguous())
         sums = model.loss_sums(logits, ids, mask, last.float().transpose(0, 1).contiguous())
         loss = sums["num"] / sums["den"]
         loss.backward()
-        out[(tp, variant)] = {
+        if sp:  # what megatron's finalize_model_grads does: sum the norms' partial gradients over TP
+            for p in model.parameters():
+                if getattr(p, "sequence_parallel", False) and p.grad is not None:
+                    torch.distributed.all_reduce(p.grad, group=parallel_state.get_tensor_model_parallel_group())
+        out[(tp, sp, variant)] = {
             "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
             "loss": loss.item(),
             "logits": [z.detach() for z in logits],
@@ -95,13 +101,13 @@ def _gather(per_rank: list, dim):
 
 
 @pytest.mark.parametrize("variant", list(CONFIGS))
-@pytest.mark.parametrize("tp", [1, 2])
-def test_eagle3_draft_matches_the_reference(results, tp, variant):
+@pytest.mark.parametrize("tp,sp", LAYOUTS, ids=["tp1", "tp2", "tp2-sp"])
+def test_eagle3_draft_matches_the_reference(results, tp, sp, variant):
     from megaspark.models.eagle3.model import state_dict_map
 
     reference = _reference(variant)
     cfg = CONFIGS[variant]
-    ranks = sorted((r[(tp, variant)] for r in results), key=lambda r: r["tp_rank"])
+    ranks = sorted((r[(tp, sp, variant)] for r in results), key=lambda r: r["tp_rank"])
     if tp == 1:
         ranks = ranks[:1]
     assert ranks[0]["loss"] == pytest.approx(reference["loss"].item(), rel=1e-5)

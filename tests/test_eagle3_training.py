@@ -120,12 +120,13 @@ def test_eval_speculative_decodes_with_the_eagle3_checkpoint(layouts, tiny_llama
 
 @pytest.fixture(scope="module")
 def variants(tmp_path_factory, tiny_llama_dir, data_dir):  # noqa: F811
-    """The MLA draft at TP 1 and TP 2 (checkpointed), and the GQA draft at DP 2 with the
-    distributed optimizer."""
+    """The MLA draft at TP 1 and TP 2 (checkpointed), the GQA draft at DP 2 with the
+    distributed optimizer, and at TP 2 with sequence parallelism."""
     root = tmp_path_factory.mktemp("eagle3_variants")
     runs = {"mla-1": (1, 1, ["--draft-attention", "mla"]),
             "mla-2": (2, 1, ["--draft-attention", "mla", "--save", str(root / "mla"), "--save-interval", "4"]),
-            "dist-opt": (1, 2, ["--use-distributed-optimizer"])}
+            "dist-opt": (1, 2, ["--use-distributed-optimizer"]),
+            "sp": (2, 1, ["--sequence-parallel"])}
     out = {}
     for name, (tp, dp, extra) in runs.items():
         log = root / f"{name}.jsonl"
@@ -172,3 +173,23 @@ def test_eagle3_with_the_distributed_optimizer_matches(variants, layouts):
     assert sorted(got) == [1, 2, 3, 4]
     for it in ref:
         assert got[it] == pytest.approx(ref[it], rel=1e-4, abs=1e-5), (it, ref, got)
+
+
+def test_eagle3_with_sequence_parallelism_matches(variants, layouts, tiny_llama_dir, data_dir):  # noqa: F811
+    """TP 2 with --sequence-parallel (S/tp positions per rank between the TP regions, the
+    norms' gradients summed by megatron's finalize_model_grads) trains the same as one rank;
+    impossible combinations are refused before anything loads."""
+    from megaspark.arguments import ArgumentError, parse_args
+
+    ref = layouts[1][(1, 1)][0]
+    got, r = variants[1]["sp"]
+    assert sorted(got) == [1, 2, 3, 4]
+    for it in ref:
+        assert got[it] == pytest.approx(ref[it], rel=1e-4, abs=1e-5), (it, ref, got)
+    base = ["--target-model", tiny_llama_dir, "--data-path", data_dir, "--sequence-parallel"]
+    for extra, needle in ((["--algorithm", "eagle3"], "needs --tensor-model-parallel-size > 1"),
+                          (["--tensor-model-parallel-size", "2"], "--algorithm eagle3 only"),
+                          (["--algorithm", "eagle3", "--tensor-model-parallel-size", "2", "--seq-length", "63"],
+                           "--seq-length 63 and --pad-to-multiple 64 must be divisible by 2")):
+        with pytest.raises(ArgumentError, match=needle):
+            parse_args(base + extra, world_size=2)

@@ -57,7 +57,8 @@ def build_draft(args, e: Eagle3Config, draft_to_target, target_info) -> Eagle3Dr
     from megaspark import platform
 
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    model = Eagle3Draft(e.transformer_config(args.tensor_model_parallel_size, params_dtype=dtype), e,
+    model = Eagle3Draft(e.transformer_config(args.tensor_model_parallel_size, params_dtype=dtype,
+                                             sequence_parallel=args.sequence_parallel), e,
                         draft_to_target, seed=args.seed)
     model.load_target_weights(target_info)
     return model.to(platform.compute_device())

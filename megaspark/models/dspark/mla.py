@@ -142,12 +142,13 @@ class DualSourceMLA(MegatronModule):
     # ------------------------------------------------------------------ projections
     def _queries(self, x: torch.Tensor):
         """x [T, b, H] → (q_nope [b, nh, T, nope], q_pe [b, nh, T, rope]) for this rank's heads."""
-        T, b, _ = x.shape
+        b = x.shape[1]
         if self.q_lora_rank > 0:
             q, _ = self.linear_q_up_proj(self.q_down_layernorm(self.linear_q_down_proj(x)))
         else:
             q, _ = self.linear_q(x)
-        q = q.view(T, b, self.heads_per_rank, self.qk_dim).permute(1, 2, 0, 3)
+        # (T positions in; all of them out under sequence parallelism, which gathers them)
+        q = q.view(q.shape[0], b, self.heads_per_rank, self.qk_dim).permute(1, 2, 0, 3)
         return q[..., : self.nope_dim], q[..., self.nope_dim:]
 
     def _latent(self, x: torch.Tensor):

@@ -16,6 +16,14 @@ Tensor parallelism as in Megatron: q/k/v, gate/up and both heads column-parallel
 FFN and vocabularies split over TP), ``o_proj`` / ``down`` / ``fc`` row-parallel.
 Activations are sequence-first ``[S, b, ·]``.
 
+Sequence parallelism (``config.sequence_parallel``, ``--sequence-parallel``) as Megatron
+does it: the residual stream between the TP regions (``fc``'s output, the embeddings, the
+norms) holds ``S/tp`` positions per rank; the column-parallel projections all-gather the
+sequence (the TTT attention sees all positions of its heads), the row-parallel ones
+reduce-scatter it; the norms' weights are marked ``sequence_parallel`` so that megatron's
+``finalize_model_grads`` sums their partial gradients over TP. The frozen target heads and
+``fc`` take whole sequences (their own non-SP config).
+
 ``attention_type = "mla"`` (``--draft-attention mla``) gives the DeepSeek-V3-shaped draft
 (SpecForge's ``DeepseekV3ForCausalLMEagle3``): the same layer with multi-head latent
 attention — megaspark's :class:`~megaspark.models.dspark.mla.DualSourceMLA` projections and
@@ -133,9 +141,11 @@ class Eagle3Config:
                 "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
         return {k: getattr(self, k) for k in keys}
 
-    def transformer_config(self, tensor_model_parallel_size: int = 1, params_dtype=torch.float32):
+    def transformer_config(self, tensor_model_parallel_size: int = 1, params_dtype=torch.float32,
+                           sequence_parallel: bool = False):
         """``params_dtype`` bf16: bf16 weights and activations (megatron's mixed-precision
-        optimizer keeps fp32 masters); the softmaxes and losses run in fp32."""
+        optimizer keeps fp32 masters); the softmaxes and losses run in fp32.
+        ``sequence_parallel``: see the module docstring (needs TP > 1)."""
         from megatron.core.transformer import TransformerConfig
 
         def init(t):
@@ -149,6 +159,7 @@ class Eagle3Config:
             init_method_std=self.init_std, tensor_model_parallel_size=tensor_model_parallel_size,
             params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16, use_cpu_initialization=True,
             gradient_accumulation_fusion=False, layernorm_epsilon=self.rms_norm_eps,
+            sequence_parallel=sequence_parallel and tensor_model_parallel_size > 1,
             bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         )
 
@@ -268,23 +279,28 @@ class Eagle3Draft(MegatronModule):
         H, V, N, I = e.hidden_size, e.vocab_size, e.draft_vocab_size, e.ffn_hidden_size
         hd, nh, nkv = e.kv_channels, e.num_attention_heads, e.num_query_groups
         self.heads_per_rank, self.groups_per_rank, self.head_dim = nh // tp, nkv // tp, hd
+        self.sequence_parallel = bool(config.sequence_parallel)
         init = config.init_method
+        import dataclasses
 
-        def column(name, fan_in, fan_out):
+        # whole sequences in and out: fc (its output is then split) and the frozen target heads
+        whole = dataclasses.replace(config, sequence_parallel=False) if self.sequence_parallel else config
+
+        def column(name, fan_in, fan_out, cfg=config):
             with seeded_init(seed, name):
                 return tensor_parallel.ColumnParallelLinear(
-                    fan_in, fan_out, config=config, init_method=init, bias=False, gather_output=False,
+                    fan_in, fan_out, config=cfg, init_method=init, bias=False, gather_output=False,
                     skip_bias_add=False)
 
-        def row(name, fan_in, fan_out, input_is_parallel):
+        def row(name, fan_in, fan_out, input_is_parallel, cfg=config):
             with seeded_init(seed, name):
                 return tensor_parallel.RowParallelLinear(
-                    fan_in, fan_out, config=config, init_method=init, bias=False,
+                    fan_in, fan_out, config=cfg, init_method=init, bias=False,
                     input_is_parallel=input_is_parallel, skip_bias_add=False)
 
         with seeded_init(seed, "embedding"):
             self.embedding = tensor_parallel.VocabParallelEmbedding(V, H, init_method=init, config=config)
-        self.fc = row("fc", 3 * H, H, input_is_parallel=False)
+        self.fc = row("fc", 3 * H, H, input_is_parallel=False, cfg=whole)
         self.input_layernorm = RMSNorm(config, H, e.rms_norm_eps)
         self.hidden_norm = RMSNorm(config, H, e.rms_norm_eps)
         if e.is_mla:
@@ -305,10 +321,14 @@ class Eagle3Draft(MegatronModule):
         self.lm_head = column("lm_head", H, N)
         # frozen copies of the target's LM head: every row (the target's top token decides
         # whether a position counts) and the rows at the draft ids (the soft labels)
-        self.target_head = column("target_head", H, V)
-        self.target_draft_head = column("target_draft_head", H, N)
+        self.target_head = column("target_head", H, V, cfg=whole)
+        self.target_draft_head = column("target_draft_head", H, N, cfg=whole)
         for name in FROZEN:
             getattr(self, name.split(".")[0]).weight.requires_grad_(False)
+        if self.sequence_parallel:  # replicated weights that see one sequence shard per rank
+            for name, p in self.named_parameters():
+                if p.dim() == 1 or any(k in name for k in ("linear_q_down_proj", "linear_kv_down_proj")):
+                    p.sequence_parallel = True
         ids = torch.as_tensor(draft_to_target, dtype=torch.int64)
         if ids.numel() != N:
             raise ValueError(f"draft_to_target has {ids.numel()} entries for a draft vocabulary of {N}")
@@ -356,13 +376,18 @@ class Eagle3Draft(MegatronModule):
 
     def qkv(self, a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Attention input a [S, b, 2H] → rotated q [b, nh, S, dq], k [b, nkv, S, dq] and v
-        [b, nkv, S, dv] of this rank's heads (MLA: nkv = nh, dq = nope + rope)."""
-        S, b, _ = a.shape
+        [b, nkv, S, dv] of this rank's heads (MLA: nkv = nh, dq = nope + rope). With sequence
+        parallelism a holds S/tp positions and the outputs all S."""
+        b = a.shape[1]
+        S = a.shape[0] * (parallel_state.get_tensor_model_parallel_world_size() if self.sequence_parallel else 1)
         if self.eagle3_config.is_mla:
             attn = self.self_attention
             q_nope, q_pe = attn._queries(a)
             latent, k_pe = attn._latent(a)
-            if attn.tp > 1:  # every rank's heads read the one shared key
+            if self.sequence_parallel:  # the shared key of every position (backward: summed, split)
+                k_pe = tensor_parallel.gather_from_sequence_parallel_region(
+                    k_pe.permute(2, 0, 1, 3).contiguous()).permute(1, 2, 0, 3)
+            elif attn.tp > 1:  # every rank's heads read the one shared key
                 k_pe = tensor_parallel.copy_to_tensor_model_parallel_region(k_pe)
             kv, _ = attn.linear_kv_up_proj(latent)
             kv = kv.view(S, b, attn.heads_per_rank, attn.nope_dim + attn.v_dim).permute(1, 2, 0, 3)
@@ -404,12 +429,16 @@ class Eagle3Draft(MegatronModule):
         e = self.eagle3_config
         S, b, _ = aux.shape
         g, _ = self.fc(aux.to(self.fc.weight.dtype))  # features arrive in the target's dtype
+        if self.sequence_parallel:
+            g = tensor_parallel.scatter_to_sequence_parallel_region(g)  # [S/tp, b, H]
         pos = torch.arange(S, device=aux.device)[None].expand(b, S)
         cos, sin = self.rope(pos)
         ids = input_ids.t()  # [S, b]
         ks, vs, logits = [], [], []
         for t in range(e.ttt_steps):
             emb = self.embedding(_shift(ids, 1 + t).t()).transpose(0, 1).to(g.dtype)  # [S, b, H]
+            if self.sequence_parallel:
+                emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
             o = self._layer(emb, g, ks, vs, cos, sin)
             z, _ = self.lm_head(self.final_norm(o))
             logits.append(z)
