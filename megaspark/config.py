@@ -48,8 +48,44 @@ class ConfigError(ValueError):
     """A configuration that cannot work; the message names the offending flag/field."""
 
 
+class AttentionShape:
+    """Derived attention dimensions shared by the draft configs (DSpark's and Eagle3's), from
+    their fields ``attention_type``, ``kv_channels``, ``qk_nope_head_dim``,
+    ``qk_rope_head_dim``, ``v_head_dim`` and ``rope_yarn``."""
+
+    @property
+    def is_mla(self) -> bool:
+        return self.attention_type == "mla"
+
+    @property
+    def rope_head_dim(self) -> int:
+        """Rotary dimension: the whole head (GQA) or ``qk_rope_head_dim`` (MLA)."""
+        return self.qk_rope_head_dim if self.is_mla else self.kv_channels
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head query/key width entering the dot product."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.is_mla else self.kv_channels
+
+    @property
+    def value_head_dim(self) -> int:
+        return self.v_head_dim if self.is_mla else self.kv_channels
+
+    @property
+    def softmax_scale(self) -> float:
+        """Attention scale: ``qk_head_dim^-1/2``; for MLA with YaRN times ``mscale²`` with
+        ``mscale = 0.1·mscale_all_dim·ln(factor) + 1`` (transformers' DeepSeek-V2/V3
+        ``yarn_apply_mscale``). GQA keeps ``hd^-1/2`` under YaRN (Llama/Qwen semantics:
+        YaRN's attention factor scales cos/sin instead)."""
+        scale = self.qk_head_dim**-0.5
+        if self.is_mla and self.rope_yarn and self.rope_yarn.get("mscale_all_dim"):
+            m = yarn_get_mscale(self.rope_yarn["factor"], self.rope_yarn["mscale_all_dim"])
+            scale = scale * m * m
+        return scale
+
+
 @dataclass
-class DSparkConfig:
+class DSparkConfig(AttentionShape):
     # ---- draft shape (hidden size and vocab must equal the target's) ----
     hidden_size: int
     num_layers: int
@@ -109,36 +145,6 @@ class DSparkConfig:
     @property
     def head_dim(self) -> int:
         return self.kv_channels
-
-    @property
-    def is_mla(self) -> bool:
-        return self.attention_type == "mla"
-
-    @property
-    def rope_head_dim(self) -> int:
-        """Rotary dimension: the whole head (GQA) or ``qk_rope_head_dim`` (MLA)."""
-        return self.qk_rope_head_dim if self.is_mla else self.kv_channels
-
-    @property
-    def qk_head_dim(self) -> int:
-        """Per-head query/key width entering the dot product."""
-        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.is_mla else self.kv_channels
-
-    @property
-    def value_head_dim(self) -> int:
-        return self.v_head_dim if self.is_mla else self.kv_channels
-
-    @property
-    def softmax_scale(self) -> float:
-        """Attention scale: ``qk_head_dim^-1/2``; for MLA with YaRN times ``mscale²`` with
-        ``mscale = 0.1·mscale_all_dim·ln(factor) + 1`` (transformers' DeepSeek-V2/V3
-        ``yarn_apply_mscale``). GQA keeps ``hd^-1/2`` under YaRN (Llama/Qwen semantics:
-        YaRN's attention factor scales cos/sin instead)."""
-        scale = self.qk_head_dim**-0.5
-        if self.is_mla and self.rope_yarn and self.rope_yarn.get("mscale_all_dim"):
-            m = yarn_get_mscale(self.rope_yarn["factor"], self.rope_yarn["mscale_all_dim"])
-            scale = scale * m * m
-        return scale
 
     @property
     def context_width(self) -> int:

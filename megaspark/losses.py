@@ -222,6 +222,26 @@ def _logits_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, accum
             out[:, j:j + _COLUMN_BLOCK].copy_(block)
 
 
+def _label_logits(z: torch.Tensor, labels: torch.Tensor, vocab_start: int):
+    """(in this shard [c], the label's local column [c, 1], its logit or 0 [c]) of logits
+    z [c, V/tp] whose shard starts at ``vocab_start``."""
+    local = labels - vocab_start
+    in_shard = (local >= 0) & (local < z.shape[1])
+    idx = local.clamp(0, z.shape[1] - 1)[:, None]
+    picked = z.gather(1, idx).squeeze(1)
+    return in_shard, idx, torch.where(in_shard, picked, torch.zeros_like(picked))
+
+
+def _add_dw2(dw2: torch.Tensor, g: torch.Tensor, fc: torch.Tensor) -> None:
+    """dw2 (fp32 [V/tp, r]) += gᵀ·fc, the GEMM in g's dtype; for other dtypes than fp32 by
+    vocabulary blocks (no [V/tp, r] temporaries: GEMM output, promotion)."""
+    if g.dtype == dw2.dtype:
+        dw2.addmm_(g.t(), fc)
+        return
+    for j in range(0, dw2.shape[0], _COLUMN_BLOCK):
+        dw2[j:j + _COLUMN_BLOCK].add_(g[:, j:j + _COLUMN_BLOCK].t() @ fc)
+
+
 def _fused_chunks(h, feat, w2, lm_head, labels, weights, target_hidden, vocab_start: int, group,
                   chunk_rows: int, need_l1: bool, want_dh: bool, want_dfeat: bool, want_dw2: bool,
                   combine=None, groups: Optional[RowGroups] = None, feat_grouped: bool = False):
@@ -290,11 +310,7 @@ def _fused_chunk(sl, out, h, feat, w2, lm_head, labels, weights, target_hidden, 
     else:
         m = z.amax(dim=-1)[None]
     _all_reduce_max_(m, group)
-    local = labels[sl] - vocab_start
-    in_shard = (local >= 0) & (local < V_l)
-    idx = local.clamp(0, V_l - 1)[:, None]
-    picked = z.gather(1, idx).squeeze(1)
-    picked = torch.where(in_shard, picked, torch.zeros_like(picked))
+    in_shard, idx, picked = _label_logits(z, labels[sl], vocab_start)
     z.sub_(m[0, :, None]).exp_()
     stats = [z.sum(dim=-1), picked]
     if need_l1:
@@ -341,11 +357,7 @@ def _fused_chunk(sl, out, h, feat, w2, lm_head, labels, weights, target_hidden, 
             if dfeat is not None:
                 _mm_into(dfeat[k, sl], g, w2)
             if dw2 is not None:
-                if w2.dtype == f32:
-                    dw2[k].addmm_(g.t(), fc)
-                else:  # by vocabulary blocks: no [V/tp, r] temporaries (GEMM output, promotion)
-                    for j in range(0, V_l, _COLUMN_BLOCK):
-                        dw2[k, j:j + _COLUMN_BLOCK].add_(g[:, j:j + _COLUMN_BLOCK].t() @ fc)
+                _add_dw2(dw2[k], g, fc)
         del g  # before the next slice's copy is made
 
 
@@ -384,11 +396,7 @@ def _fused_chunk_grouped(sl, out, h, feat, w2, lm_head, labels, weights, target_
         _logits_into(t, target_u[u0:u1], lm_head)
         m = torch.cat([m, t.amax(dim=-1)])
     _all_reduce_max_(m, group)
-    lab = labels[sl] - vocab_start
-    in_shard = (lab >= 0) & (lab < V_l)
-    idx = lab.clamp(0, V_l - 1)[:, None]
-    picked = z.gather(1, idx).squeeze(1)
-    picked = torch.where(in_shard, picked, torch.zeros_like(picked))
+    in_shard, idx, picked = _label_logits(z, labels[sl], vocab_start)
     z.sub_(m[:c, None]).exp_()
     stats = [z.sum(dim=-1), picked]
     if need_l1:
@@ -444,11 +452,7 @@ def _fused_chunk_grouped(sl, out, h, feat, w2, lm_head, labels, weights, target_
         if dfeat is not None:
             _mm_into(dfeat[0, sl], g, w2)
     if dw2 is not None:
-        if w2.dtype == f32:
-            dw2[0].addmm_(g.t(), fc)
-        else:
-            for j in range(0, V_l, _COLUMN_BLOCK):
-                dw2[0, j:j + _COLUMN_BLOCK].add_(g[:, j:j + _COLUMN_BLOCK].t() @ fc)
+        _add_dw2(dw2[0], g, fc)
 
 
 class _FusedCEL1Sums(torch.autograd.Function):

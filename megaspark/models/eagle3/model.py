@@ -42,13 +42,14 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
+from megaspark.config import AttentionShape
 from megaspark.models.dspark.layer import RMSNorm
 from megaspark.models.dspark.model import seeded_init
 from megaspark.models.dspark.rope import apply_rope, apply_rope_interleaved, rope_cos_sin
 
 
 @dataclass
-class Eagle3Config:
+class Eagle3Config(AttentionShape):
     hidden_size: int
     num_attention_heads: int
     num_query_groups: int
@@ -73,27 +74,6 @@ class Eagle3Config:
     # what DualSourceMLA reads besides the shape (its block-attention kernels are not used here)
     attention_backend = "dense"
     attention_chunk_blocks = 1
-
-    @property
-    def is_mla(self) -> bool:
-        return self.attention_type == "mla"
-
-    @property
-    def rope_head_dim(self) -> int:
-        return self.qk_rope_head_dim if self.is_mla else self.kv_channels
-
-    @property
-    def softmax_scale(self) -> float:
-        """``qk_head_dim^-1/2``; MLA under YaRN times ``mscale²`` (as the DSpark MLA draft)."""
-        from megaspark.config import yarn_get_mscale
-
-        if not self.is_mla:
-            return self.kv_channels ** -0.5
-        scale = (self.qk_nope_head_dim + self.qk_rope_head_dim) ** -0.5
-        if self.rope_yarn and self.rope_yarn.get("mscale_all_dim"):
-            m = yarn_get_mscale(self.rope_yarn["factor"], self.rope_yarn["mscale_all_dim"])
-            scale = scale * m * m
-        return scale
 
     def validate(self, tp: int = 1) -> "Eagle3Config":
         def need(ok, msg):
