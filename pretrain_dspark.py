@@ -13,37 +13,37 @@ from __future__ import annotations
 from functools import partial
 
 
-def model_provider(args, dcfg, pre_process=True, post_process=True, vp_stage=None):
-    """Build this rank's part (one virtual pipeline stage) of the DSpark draft."""
+def model_provider(cfg, dcfg, pre_process=True, post_process=True, vp_stage=None):
+    """Build this rank's part (one virtual pipeline stage) of the DSpark draft for a
+    :class:`~megaspark.arguments.configs.RunConfig`."""
+    from megaspark.fp8 import fp8_transformer_config_kwargs
     from megaspark.models.dspark.model import DSparkModel
+    from megaspark.models.dspark.te_spec import select_layer_spec
 
+    par = cfg.parallel
     extra = {}
-    if args.virtual_pipeline_model_parallel_size:
-        extra["virtual_pipeline_model_parallel_size"] = args.virtual_pipeline_model_parallel_size
-        if args.pipeline_model_parallel_size == 2:
+    if par.virtual_pipeline_model_parallel_size:
+        extra["virtual_pipeline_model_parallel_size"] = par.virtual_pipeline_model_parallel_size
+        if par.pipeline_model_parallel_size == 2:
             # Interleaved with two stages sends activations and gradients between the same
             # pair of ranks in one batched exchange, where they can be matched crosswise;
             # megatron's unbatched even/odd ordering keeps them apart.
             extra["batch_p2p_comm"] = False
-    from megaspark.fp8 import fp8_transformer_config_kwargs
-    from megaspark.models.dspark.te_spec import select_layer_spec
-
-    extra.update(fp8_transformer_config_kwargs(args))
-    if args.pipeline_model_parallel_size > 1 and getattr(args, "pad_to_multiple", 0):
+    extra.update(fp8_transformer_config_kwargs(cfg.fp8))
+    if par.pipeline_model_parallel_size > 1 and cfg.data.pad_to_multiple:
         # micro-batches have their own lengths: stages exchange the shape before each tensor
         extra["variable_seq_lengths"] = True
         extra["moe_token_dispatcher_type"] = "alltoall"  # megatron's check; the draft has no MoE
     tcfg = dcfg.transformer_config(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        bf16=args.bf16,
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        bf16=cfg.optim.bf16,
         **extra,
     )
-    spec = select_layer_spec(getattr(args, "transformer_impl", None), dcfg.qk_norm,
-                             attention_type=dcfg.attention_type)
+    spec = select_layer_spec(cfg.fp8.transformer_impl, dcfg.qk_norm, attention_type=dcfg.attention_type)
     # the frozen embedding / LM head are loaded from the target right after: no random init
     model = DSparkModel(tcfg, dcfg, pre_process=pre_process, post_process=post_process,
-                        seed=args.seed, vp_stage=vp_stage, layer_spec=spec, initialize_frozen=False)
+                        seed=cfg.optim.seed, vp_stage=vp_stage, layer_spec=spec, initialize_frozen=False)
     return model, tcfg
 
 
@@ -70,14 +70,14 @@ def main(argv=None):
     import sys
 
     from megaspark.arguments import ArgumentError
+    from megaspark.checkpoint_files import CheckpointError
     from megaspark.config import ConfigError
     from megaspark.data.chat import DataError
     from megaspark.memory_plan import MemoryPlanError
-    from megaspark.export.hf import ExportError
+    from megaspark.export.tensors import ExportError
     from megaspark.models.dspark.te_spec import TransformerEngineUnavailableError
     from megaspark.targets.base import TargetError
     from megaspark.targets.offline import HiddenStatesCacheError
-    from megaspark.training.checkpointing import CheckpointError
     from megaspark.training.resilience import CollectiveTimeoutError, NonFiniteStepError
     from megaspark.training.pretrain import pretrain
 

@@ -72,26 +72,3 @@ ALGORITHMS["eagle3"] = Algorithm(
          confidence_loss_alpha=0.0, loss_decay_gamma=4.0, slot_convention="S", truncate_eval_mask=True),
     dict(_DFLASH_PINNED),
 )
-
-
-def resolve(args) -> Algorithm:
-    """Fill the preset's defaults into ``args`` (flags left at None) and check the pinned
-    ones. Returns the algorithm; raises ValueError naming the flags on a contradiction."""
-    name = args.algorithm
-    if name is None:
-        name = "dflash-original" if getattr(args, "training_mode", "standard") == "vp_drafter" \
-            else DEFAULT_ALGORITHM
-    if name not in ALGORITHMS:
-        raise ValueError(f"--algorithm must be one of {sorted(ALGORITHMS)}, got {name!r}")
-    algo = ALGORITHMS[name]
-    for dest, (value, flag, why) in algo.pinned.items():
-        given = getattr(args, dest)
-        if given is not None and given != value:
-            shown = flag if isinstance(given, bool) else f"{flag} {given}"
-            other = "dflash" if dest == "slot_convention" else "dspark"
-            raise ValueError(f"--algorithm {name}: {why}; drop {shown} (or use --algorithm {other})")
-    for dest, value in algo.defaults.items():
-        if getattr(args, dest) is None:
-            setattr(args, dest, value)
-    args.algorithm = name
-    return algo

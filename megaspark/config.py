@@ -14,6 +14,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from megaspark import layer_ids as layer_id_rules
+from megaspark.blocks import CONVENTIONS
+
 # Families whose decoder block the draft reproduces (pre-norm RMSNorm, GQA or MLA, RoPE,
 # SwiGLU). value: (the family's own blocks have per-head q/k RMSNorms: what an imported
 # export that does not say is assumed to have; q/k/v projection bias default). New drafts
@@ -30,11 +33,11 @@ SUPPORTED_FAMILIES = {
 # with the target's latent dims (and the dense layers' SwiGLU width).
 MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
-CONVENTIONS = ("S", "D")
 ATTENTION_BACKENDS = ("auto", "sdpa", "structured", "flex", "dense")
 ATTENTION_TYPES = ("gqa", "mla")
 TRAINING_MODES = ("standard", "vp_drafter")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
+DEFAULT_LOSS_CHUNK_ROWS = 512  # rows per chunk of the vocab-parallel loss (--loss-chunk-rows)
 MLA_FLAGS = {
     "q_lora_rank": "--q-lora-rank",
     "kv_lora_rank": "--kv-lora-rank",
@@ -42,6 +45,12 @@ MLA_FLAGS = {
     "qk_rope_head_dim": "--qk-rope-head-dim",
     "v_head_dim": "--v-head-dim",
 }
+
+
+#: The one refusal of MLA under Transformer Engine (the TE spec covers the GQA draft only)
+MLA_NEEDS_LOCAL_SPEC = ("--draft-attention mla is implemented for --transformer-impl local only; "
+                        "--transformer-impl transformer_engine covers the GQA draft (use "
+                        "--transformer-impl local)")
 
 
 class ConfigError(ValueError):
@@ -138,7 +147,7 @@ class DSparkConfig(AttentionShape):
     # ---- implementation ----
     attention_backend: str = "auto"  # auto: flex on CUDA, sdpa elsewhere
     attention_chunk_blocks: int = 16  # blocks per sdpa / structured kernel call
-    loss_chunk_rows: int = 1024
+    loss_chunk_rows: int = DEFAULT_LOSS_CHUNK_ROWS
     init_std: float = 0.02
 
     # ------------------------------------------------------------------ derived
@@ -205,30 +214,17 @@ class DSparkConfig(AttentionShape):
             f"{', '.join(sorted(SUPPORTED_FAMILIES))}",
         )
         validate_target_layer_ids(self.target_layer_ids, self.num_target_layers)
-        _check(self.block_size >= 1, "--block-size must be >= 1")
-        _check(
-            self.convention in CONVENTIONS,
-            f"--slot-convention must be one of {CONVENTIONS}, got {self.convention!r}",
-        )
-        _check(
-            self.convention == "S" or self.block_size >= 2,
-            "--block-size must be >= 2 with --slot-convention D (slot 0 is the anchor)",
-        )
-        _check(self.num_anchors >= 1, "--num-anchors must be >= 1")
+        check_algorithm(self.block_size, self.num_anchors, self.markov_rank, self.confidence_head,
+                        self.confidence_with_markov, self.convention, self.training_mode,
+                        self.prefix_weight_base)
         _check(
             0 <= self.mask_token_id < self.vocab_size,
             f"--mask-token-id {self.mask_token_id} is outside the target vocabulary "
             f"[0, {self.vocab_size})",
         )
-        _check(self.markov_rank >= 0, "--markov-rank must be >= 0")
         _check(
             self.markov_head_type in MARKOV_HEAD_TYPES,
             f"--markov-head-type must be one of {MARKOV_HEAD_TYPES}, got {self.markov_head_type!r}",
-        )
-        _check(
-            not (self.confidence_head and self.confidence_with_markov and self.markov_rank == 0),
-            "the confidence head with Markov features needs --markov-rank > 0; "
-            "use --confidence-without-markov or set --markov-rank",
         )
         for flag, value in (
             ("--ce-loss-alpha", self.alpha_ce),
@@ -244,20 +240,6 @@ class DSparkConfig(AttentionShape):
             self.attention_backend in ATTENTION_BACKENDS,
             f"--draft-attention-backend must be one of {ATTENTION_BACKENDS}",
         )
-        _check(
-            self.training_mode in TRAINING_MODES,
-            f"--training-mode must be one of {TRAINING_MODES}, got {self.training_mode!r}",
-        )
-        if self.training_mode == "vp_drafter":
-            _check(
-                self.convention == "D",
-                "--training-mode vp_drafter is a Convention-D (original DFlash) objective: use "
-                "--algorithm dflash-original or --slot-convention D",
-            )
-            _check(
-                self.prefix_weight_base > 0 and math.isfinite(self.prefix_weight_base),
-                f"--prefix-weight-base must be a finite value > 0, got {self.prefix_weight_base}",
-            )
         _check(self.attention_chunk_blocks >= 1, "--attention-chunk-blocks must be >= 1")
         _check(self.loss_chunk_rows >= 1, "--loss-chunk-rows must be >= 1")
         _check(self.rope_scaling_factor > 0, "RoPE scaling factor must be positive")
@@ -434,20 +416,11 @@ class DSparkConfig(AttentionShape):
         mla_target = model_type in MLA_FAMILIES
         if attention_type is None:
             attention_type = "mla" if mla_target else "gqa"
-        if attention_type not in ATTENTION_TYPES:
-            raise ConfigError(f"--draft-attention must be one of {ATTENTION_TYPES}, got {attention_type!r}")
         mla_given = dict(q_lora_rank=q_lora_rank, kv_lora_rank=kv_lora_rank,
                          qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
                          v_head_dim=v_head_dim)
-        if attention_type == "gqa":
-            given = [MLA_FLAGS[k] for k, v in mla_given.items() if v is not None]
-            if given:
-                raise ConfigError(f"{', '.join(given)} only apply to --draft-attention mla")
-        if attention_type == "mla" and (num_query_groups is not None or kv_channels is not None):
-            raise ConfigError(
-                "--num-query-groups / --kv-channels describe GQA heads but the draft uses MLA"
-                f"{' (the default for ' + model_type + ' targets)' if mla_target else ''}: use "
-                "--qk-nope-head-dim, --qk-rope-head-dim and --v-head-dim, or --draft-attention gqa")
+        check_attention_flags(attention_type, mla_given, num_query_groups, kv_channels,
+                              model_type if mla_target else None)
         # Per-head q/k RMSNorms in every GQA draft by default, whatever the target family:
         # the DSpark draft layers SGLang and vLLM build always have them (a draft trained
         # without would be served with norms of weight 1). --no-qk-norm turns them off.
@@ -531,6 +504,50 @@ class DSparkConfig(AttentionShape):
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def check_attention_flags(attention_type: Optional[str], mla_given: dict, num_query_groups: Optional[int],
+                          kv_channels: Optional[int], mla_default_family: Optional[str] = None) -> None:
+    """The draft-attention flags agree with ``--draft-attention`` (None: not chosen yet, then
+    only the values are checked): MLA shape flags (``mla_given``: field -> value or None) only
+    for MLA, >= 0; GQA head flags only for GQA. ``mla_default_family``: the target family that
+    made MLA the default (named in the error)."""
+    _check(attention_type in ATTENTION_TYPES + (None,),
+           f"--draft-attention must be one of {ATTENTION_TYPES}, got {attention_type!r}")
+    given = [MLA_FLAGS[k] for k, v in mla_given.items() if v is not None]
+    _check(attention_type != "gqa" or not given,
+           f"{', '.join(given)} only apply to --draft-attention mla (the draft's attention is gqa)")
+    for k, v in mla_given.items():
+        _check(v is None or v >= 0, f"{MLA_FLAGS[k]} must be >= 0")
+    _check(attention_type != "mla" or (num_query_groups is None and kv_channels is None),
+           "--num-query-groups / --kv-channels describe GQA heads but the draft uses MLA"
+           f"{' (the default for ' + mla_default_family + ' targets)' if mla_default_family else ''}: "
+           "use --qk-nope-head-dim, --qk-rope-head-dim and --v-head-dim, or --draft-attention gqa")
+
+
+def check_algorithm(block_size: int, num_anchors: int, markov_rank: int, confidence_head: bool,
+                    confidence_with_markov: bool, convention: str, training_mode: str,
+                    prefix_weight_base: float) -> None:
+    """The rules of the algorithm fields that need no target (the flag validator runs them
+    before anything loads; :meth:`DSparkConfig.validate` runs them on every config, e.g. one
+    read from an export). Raises :class:`ConfigError` naming the flag."""
+    _check(block_size >= 1, "--block-size must be >= 1")
+    _check(convention in CONVENTIONS, f"--slot-convention must be one of {CONVENTIONS}, got {convention!r}")
+    _check(convention == "S" or block_size >= 2,
+           "--block-size must be >= 2 with --slot-convention D (slot 0 is the anchor)")
+    _check(num_anchors >= 1, "--num-anchors must be >= 1")
+    _check(markov_rank >= 0, "--markov-rank must be >= 0")
+    _check(not (confidence_head and confidence_with_markov and markov_rank == 0),
+           "the confidence head uses Markov features but --markov-rank is 0: add "
+           "--confidence-without-markov or --no-confidence-head, or set --markov-rank")
+    _check(training_mode in TRAINING_MODES,
+           f"--training-mode must be one of {TRAINING_MODES}, got {training_mode!r}")
+    if training_mode == "vp_drafter":
+        _check(convention == "D",
+               "--training-mode vp_drafter is a Convention-D (original DFlash) objective: use "
+               "--algorithm dflash-original or --slot-convention D")
+        _check(prefix_weight_base > 0 and math.isfinite(prefix_weight_base),
+               f"--prefix-weight-base must be > 0 and finite, got {prefix_weight_base}")
 
 
 def _normal_init(std: float):
@@ -646,11 +663,9 @@ def tp_friendly_attention_shape(hidden: int, heads: int, kv_heads: int, head_dim
 
 def default_target_layer_ids(num_target_layers: int, n: int) -> list:
     """DFlash's default taps (DSPARK_SPEC.md §1.2): n=1 → [N//2]; else evenly 1…N−3.
-    (The rule lives in :mod:`megaspark.targets.base`; here its errors name the flags.)"""
-    from megaspark.targets import base
-
+    (The rule lives in :mod:`megaspark.layer_ids`; here its errors name the flags.)"""
     try:
-        return base.default_target_layer_ids(num_target_layers, n)
+        return layer_id_rules.default_target_layer_ids(num_target_layers, n)
     except ValueError as e:
         raise ConfigError(f"--num-target-taps / --target-layer-ids: {e}") from None
 
@@ -658,9 +673,7 @@ def default_target_layer_ids(num_target_layers: int, n: int) -> list:
 def validate_target_layer_ids(ids, num_target_layers: int) -> None:
     """Layer id k = output of target decoder layer k = HF hidden_states[k+1] (DESIGN.md
     decision 2); valid ids lie in [0, N−2]. Errors name ``--target-layer-ids``."""
-    from megaspark.targets import base
-
     try:
-        base.validate_target_layer_ids(list(ids), num_target_layers)
+        layer_id_rules.validate_target_layer_ids(list(ids), num_target_layers)
     except ValueError as e:
         raise ConfigError(f"--target-layer-ids: {e}") from None

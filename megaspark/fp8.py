@@ -1,5 +1,6 @@
-"""FP8 training flags: validation, TransformerConfig translation and the autocast context
-(DESIGN.md §1 decision 7).
+"""FP8 training of the draft layers: the settings, their TransformerConfig translation, the
+autocast context and the shape rules of TE's FP8 GEMMs (DESIGN.md §1 decision 7). The flags
+are defined and validated in :mod:`megaspark.arguments`.
 
 Flags (Megatron-LM names)::
 
@@ -43,7 +44,10 @@ first micro-batch of each step), which ``DSparkModel`` inherits.
 from __future__ import annotations
 
 import contextlib
-import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+from megaspark.errors import ArgumentError
 
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_AMAX_COMPUTE_ALGOS = ("max", "most_recent")
@@ -57,128 +61,35 @@ FP8_ROW_MULTIPLE = 8
 FP8_COL_MULTIPLE = 16
 
 
-def _argument_error(message: str):
-    from megaspark.arguments import ArgumentError  # lazy: arguments imports this module
+@dataclass(frozen=True)
+class Fp8Settings:
+    """The draft layers' GEMM implementation and FP8 recipe of a run (validated flags:
+    ``--transformer-impl``, ``--fp8-format``, ``--fp8-margin``, ``--fp8-amax-history-len``,
+    ``--fp8-amax-compute-algo``). ``transformer_impl`` None: resolved here by
+    :func:`~megaspark.models.dspark.te_spec.resolve_transformer_impl`."""
 
-    return ArgumentError(message)
-
-
-def add_fp8_arguments(parser) -> None:
-    """Add ``--transformer-impl`` and the FP8 flags (replaces arguments.py's --fp8-format)."""
-    from megaspark.models.dspark.te_spec import TRANSFORMER_IMPLS
-
-    g = parser.add_argument_group("Transformer Engine and FP8 (GPU)")
-    g.add_argument(
-        "--transformer-impl", default=None, choices=list(TRANSFORMER_IMPLS),
-        help="draft layer GEMMs: megatron-core's local linears, or Transformer Engine's "
-        "(needed for FP8). Default: transformer_engine when TE imports and a GPU is "
-        "present, else local. Checkpoints and exports are the same with either.",
-    )
-    g.add_argument(
-        "--fp8-format", default=None, choices=list(FP8_FORMATS),
-        help="FP8 training of the draft layers' GEMMs through Transformer Engine (GPU, "
-        "--transformer-impl transformer_engine; use with --bf16): e4m3 everywhere, or "
-        "hybrid (e4m3 forward, e5m2 gradients)",
-    )
-    g.add_argument(
-        "--fp8-margin", type=int, default=None,
-        help=f"FP8 delayed scaling: margin of the scaling factor (default {DEFAULT_FP8_MARGIN}; "
-        "needs --fp8-format)",
-    )
-    g.add_argument(
-        "--fp8-amax-history-len", type=int, default=None,
-        help=f"FP8 delayed scaling: amax history length (default {DEFAULT_FP8_AMAX_HISTORY_LEN}; "
-        "needs --fp8-format)",
-    )
-    g.add_argument(
-        "--fp8-amax-compute-algo", default=None, choices=list(FP8_AMAX_COMPUTE_ALGOS),
-        help=f"FP8 delayed scaling: amax of the history to use (default "
-        f"{DEFAULT_FP8_AMAX_COMPUTE_ALGO}; needs --fp8-format)",
-    )
+    transformer_impl: Optional[str] = None
+    fp8_format: Optional[str] = None
+    fp8_margin: int = DEFAULT_FP8_MARGIN
+    fp8_amax_history_len: int = DEFAULT_FP8_AMAX_HISTORY_LEN
+    fp8_amax_compute_algo: str = DEFAULT_FP8_AMAX_COMPUTE_ALGO
 
 
-def validate_fp8_args(args) -> None:
-    """Check ``--transformer-impl`` and the FP8 flags; resolve their defaults in ``args``.
-
-    Refused (message names the flags): FP8 tuning flags without ``--fp8-format``; an
-    amax history < 1 or a negative margin; ``--fp8-format`` with ``--transformer-impl
-    local``; ``--fp8-format`` or ``--transformer-impl transformer_engine`` without a GPU
-    (``platform.require_gpu``, RuntimeError) or without an importable Transformer Engine
-    (``TransformerEngineUnavailableError``). FP8 without ``--bf16`` is allowed with a
-    warning (bf16 parameters are the recommended companion)."""
-    from megaspark import platform
+def fp8_transformer_config_kwargs(settings: Fp8Settings) -> dict:
+    """TransformerConfig fields: ``transformer_impl`` always, and with an FP8 format also
+    ``fp8``, ``fp8_recipe``, ``fp8_margin``, ``fp8_amax_history_len`` and
+    ``fp8_amax_compute_algo``."""
     from megaspark.models.dspark import te_spec
 
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise _argument_error(message)
-
-    fmt = getattr(args, "fp8_format", None)
-    requested = getattr(args, "transformer_impl", None)
-    margin = getattr(args, "fp8_margin", None)
-    history = getattr(args, "fp8_amax_history_len", None)
-    algo = getattr(args, "fp8_amax_compute_algo", None)
-
-    need(requested is None or requested in te_spec.TRANSFORMER_IMPLS,
-         f"--transformer-impl must be one of {', '.join(te_spec.TRANSFORMER_IMPLS)}, got {requested!r}")
-    need(fmt is None or fmt in FP8_FORMATS,
-         f"--fp8-format must be one of {', '.join(FP8_FORMATS)}, got {fmt!r}")
-    if fmt is None:
-        for flag, value in (("--fp8-margin", margin), ("--fp8-amax-history-len", history),
-                            ("--fp8-amax-compute-algo", algo)):
-            need(value is None, f"{flag} only applies to FP8 training: add --fp8-format "
-                 "e4m3|hybrid or drop it")
-    else:
-        need(history is None or history >= 1,
-             f"--fp8-amax-history-len must be >= 1, got {history}")
-        need(margin is None or margin >= 0, f"--fp8-margin must be >= 0, got {margin}")
-        need(algo is None or algo in FP8_AMAX_COMPUTE_ALGOS,
-             f"--fp8-amax-compute-algo must be one of {', '.join(FP8_AMAX_COMPUTE_ALGOS)}, "
-             f"got {algo!r}")
-        need(requested != te_spec.LOCAL,
-             f"--fp8-format {fmt} needs --transformer-impl transformer_engine: the local "
-             "implementation (--transformer-impl local) has no FP8 GEMMs")
-        platform.require_gpu("--fp8-format", "Transformer Engine FP8 GEMMs")
-        te_spec.require_transformer_engine("--fp8-format")
-        if not getattr(args, "bf16", False):
-            warnings.warn(
-                f"--fp8-format {fmt} without --bf16: FP8 GEMMs work, but everything outside "
-                "them runs in fp32; --bf16 (bf16 parameters, fp32 master weights) is the "
-                "recommended companion of FP8",
-                UserWarning, stacklevel=2,
-            )
-        args.fp8_margin = DEFAULT_FP8_MARGIN if margin is None else margin
-        args.fp8_amax_history_len = DEFAULT_FP8_AMAX_HISTORY_LEN if history is None else history
-        args.fp8_amax_compute_algo = DEFAULT_FP8_AMAX_COMPUTE_ALGO if algo is None else algo
-        requested = te_spec.TRANSFORMER_ENGINE
-
-    if requested == te_spec.TRANSFORMER_ENGINE:
-        te_spec.check_transformer_impl_usable(requested)
-    args.transformer_impl = te_spec.resolve_transformer_impl(requested)
-
-
-def fp8_transformer_config_kwargs(args) -> dict:
-    """TransformerConfig fields for ``args``: ``transformer_impl`` always, and with
-    ``--fp8-format`` also ``fp8``, ``fp8_recipe``, ``fp8_margin``, ``fp8_amax_history_len``
-    and ``fp8_amax_compute_algo`` (unset tuning flags get this module's defaults)."""
-    from megaspark.models.dspark import te_spec
-
-    kwargs = {"transformer_impl": te_spec.resolve_transformer_impl(
-        getattr(args, "transformer_impl", None))}
-    fmt = getattr(args, "fp8_format", None)
-    if fmt is None:
+    kwargs = {"transformer_impl": te_spec.resolve_transformer_impl(settings.transformer_impl)}
+    if settings.fp8_format is None:
         return kwargs
-
-    def value(name, default):
-        v = getattr(args, name, None)
-        return default if v is None else v
-
     kwargs.update(
-        fp8=fmt,
+        fp8=settings.fp8_format,
         fp8_recipe=FP8_RECIPE,
-        fp8_margin=value("fp8_margin", DEFAULT_FP8_MARGIN),
-        fp8_amax_history_len=value("fp8_amax_history_len", DEFAULT_FP8_AMAX_HISTORY_LEN),
-        fp8_amax_compute_algo=value("fp8_amax_compute_algo", DEFAULT_FP8_AMAX_COMPUTE_ALGO),
+        fp8_margin=settings.fp8_margin,
+        fp8_amax_history_len=settings.fp8_amax_history_len,
+        fp8_amax_compute_algo=settings.fp8_amax_compute_algo,
     )
     return kwargs
 
@@ -239,7 +150,7 @@ def validate_fp8_shapes(dcfg, seq_length: int, micro_batch_size: int,
     draft shape is known (after ``DSparkConfig.from_hf_config``), only with --fp8-format."""
     problems = fp8_shape_problems(dcfg, seq_length, micro_batch_size, tensor_model_parallel_size)
     if problems:
-        raise _argument_error(
+        raise ArgumentError(
             "--fp8-format: Transformer Engine FP8 GEMMs need row counts that are multiples of "
             f"{FP8_ROW_MULTIPLE} and widths that are multiples of {FP8_COL_MULTIPLE}; "
             + "; ".join(problems)

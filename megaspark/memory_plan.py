@@ -1,6 +1,6 @@
 """Start-up memory plan: what one rank will hold, computed before anything heavy is loaded.
 
-:func:`plan_memory` takes the parsed flags, the :class:`~megaspark.config.DSparkConfig` and
+:func:`plan_memory` takes the run's :class:`PlanSettings`, the :class:`~megaspark.config.DSparkConfig` and
 the target's HF (text) config, and returns a :class:`MemoryPlan` for one rank, given its
 tensor-parallel rank, pipeline stage, data-parallel size and whether it runs the target:
 
@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 GIB = 1024**3
 MIB = 1024**2
@@ -451,17 +451,23 @@ def _fmt(n: int) -> str:
     return f"{n / MIB:.1f} MiB"
 
 
-def _resolve_target_dtype(args):
-    import torch
+@dataclass(frozen=True)
+class PlanSettings:
+    """What the plan needs of a run besides the draft and target configs (megatron's names;
+    built from the flags by :func:`megaspark.arguments.configs.plan_settings`).
+    ``num_microbatches``: micro-batches per step on this rank; ``target_dtype``: the dtype
+    the target runs in; ``memory_budget_gb``: the refusal threshold (None: the device's)."""
 
-    value = getattr(args, "target_dtype_resolved", None)
-    if value is None:
-        value = getattr(args, "target_dtype", None)
-    if isinstance(value, torch.dtype):
-        return value
-    if value in (None, "auto"):
-        return torch.bfloat16 if getattr(args, "bf16", False) else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[value]
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    micro_batch_size: int = 1
+    seq_length: int = 512
+    num_microbatches: int = 1
+    bf16: bool = False
+    use_distributed_optimizer: bool = False
+    target_dtype: Any = None  # torch.dtype; None: bf16 with bf16 parameters, else fp32
+    memory_budget_gb: Optional[float] = None
 
 
 def in_flight_units(pp: int, vpp: Optional[int], pp_rank: int, microbatches: int) -> list:
@@ -481,23 +487,21 @@ def in_flight_units(pp: int, vpp: Optional[int], pp_rank: int, microbatches: int
     return counts
 
 
-def plan_memory(args, dcfg, hf_config, *, tp_rank: int, pp_rank: int, dp_size: int,
+def plan_memory(settings: PlanSettings, dcfg, hf_config, *, tp_rank: int, pp_rank: int, dp_size: int,
                 computes_target: bool, target_tp: int = 1) -> MemoryPlan:
-    """The memory plan of one rank (module docstring). ``args`` carries megatron-style
-    fields: tensor_model_parallel_size, pipeline_model_parallel_size,
-    virtual_pipeline_model_parallel_size, micro_batch_size, seq_length, bf16,
-    use_distributed_optimizer, target_dtype (resolved), memory_budget_gb and, optionally,
-    num_microbatches (micro-batches per step on this rank, default 1). ``target_tp`` > 1: the
-    target's weights are sharded over that many ranks (a tensor-parallel SGLang target)."""
-    tp = int(args.tensor_model_parallel_size)
-    pp = int(args.pipeline_model_parallel_size)
-    vpp = getattr(args, "virtual_pipeline_model_parallel_size", None) or None
-    bf16 = bool(getattr(args, "bf16", False))
-    dist_opt = bool(getattr(args, "use_distributed_optimizer", False))
-    M = int(getattr(args, "num_microbatches", None) or 1)
-    target_dtype = _resolve_target_dtype(args)
+    """The memory plan of one rank (module docstring). ``target_tp`` > 1: the target's weights
+    are sharded over that many ranks (a tensor-parallel SGLang target)."""
+    import torch
+
+    tp = int(settings.tensor_model_parallel_size)
+    pp = int(settings.pipeline_model_parallel_size)
+    vpp = settings.virtual_pipeline_model_parallel_size or None
+    bf16 = bool(settings.bf16)
+    dist_opt = bool(settings.use_distributed_optimizer)
+    M = int(settings.num_microbatches or 1)
+    target_dtype = settings.target_dtype or (torch.bfloat16 if bf16 else torch.float32)
     a = 2 if bf16 else _FP32
-    s = _Shape(b=int(args.micro_batch_size), S=int(args.seq_length), tp=tp, a=a,
+    s = _Shape(b=int(settings.micro_batch_size), S=int(settings.seq_length), tp=tp, a=a,
                f=_dtype_bytes(target_dtype))
     d = dcfg
     first, last = pp_rank == 0, pp_rank == pp - 1
@@ -574,7 +578,7 @@ def plan_memory(args, dcfg, hf_config, *, tp_rank: int, pp_rank: int, dp_size: i
     stage = "+".join(n for n, ok in (("first", first), ("last", last)) if ok) or "middle"
     role = (f"TP rank {tp_rank} of {tp}, PP stage {pp_rank} of {pp} ({stage}), DP {dp_size}"
             + (", runs the target" if computes_target else ""))
-    budget = getattr(args, "memory_budget_gb", None)
+    budget = settings.memory_budget_gb
     return MemoryPlan(
         draft_trainable_params=trainable_bytes,
         draft_frozen_params=frozen * a,
@@ -600,10 +604,10 @@ def plan_memory(args, dcfg, hf_config, *, tp_rank: int, pp_rank: int, dp_size: i
     )
 
 
-def budget_bytes(args, device=None) -> Optional[int]:
+def budget_bytes(memory_budget_gb: Optional[float], device=None) -> Optional[int]:
     """``--memory-budget-gb`` in bytes (GB = 1e9 B); without it the device's total memory on a
     GPU, no limit on the CPU."""
-    budget = getattr(args, "memory_budget_gb", None)
+    budget = memory_budget_gb
     if budget is not None:
         return int(budget * 1e9)
     import torch
@@ -613,6 +617,6 @@ def budget_bytes(args, device=None) -> Optional[int]:
     return None
 
 
-__all__ = ["MemoryPlan", "MemoryPlanError", "plan_memory", "budget_bytes", "chunk_parameters",
+__all__ = ["MemoryPlan", "MemoryPlanError", "PlanSettings", "plan_memory", "budget_bytes", "chunk_parameters",
            "layer_parameters", "model_chunks", "target_parameter_count", "in_flight_units"]
 

@@ -96,3 +96,23 @@ def tp_size() -> int:
     from megatron.core import parallel_state
 
     return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def init_single_process_group(seed: int = 1234, device: str = "auto") -> None:
+    """A one-rank process group with TP = PP = 1 for tools (idempotent; keeps an existing
+    torch.distributed group and only adds the megatron groups if missing). ``device``
+    (auto/cpu/cuda) becomes the compute device."""
+    import socket
+
+    from megatron.core import parallel_state
+
+    if torch.distributed.is_initialized():
+        if not parallel_state.model_parallel_is_initialized():
+            initialize_distributed(1, 1, seed=seed, device=device)
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    initialize_distributed(1, 1, seed=seed, device=device)

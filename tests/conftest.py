@@ -1,4 +1,9 @@
-"""Shared pytest configuration: the `slow` marker and session-wide tiny targets."""
+"""Shared pytest configuration: the `slow` marker and the session-wide fixtures: the tiny
+targets, the tiny prepared dataset (``data_dir``) and the one launch of the DSPARK_SPEC §13
+invariants worker (``spec_invariant_runs``, shared by test_invariants.py and test_losses.py)."""
+import subprocess
+import sys
+
 import pytest
 
 from tests.tiny_models import make_tiny_target
@@ -20,3 +25,31 @@ def tiny_qwen3_dir(tmp_path_factory):
     """Tiny random Qwen3 target (6 layers, hidden 64, 4/2 heads, vocab 320 with 8 spare
     rows beyond the 312-token tokenizer, untied LM head, Qwen3-style template)."""
     return make_tiny_target(tmp_path_factory.mktemp("tiny_qwen3"), family="qwen3")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, tiny_llama_dir):
+    """The tiny prepared dataset (tools/prepare_data.py on 48 random chats for the tiny Llama
+    target), for the torchrun runs of tests.launcher.run. Read only: a test that changes it
+    works on a copy."""
+    from tests.launcher import REPO, chat_file
+
+    root = tmp_path_factory.mktemp("pretrain_data")
+    out = root / "data"
+    subprocess.run(
+        [sys.executable, str(REPO / "tools/prepare_data.py"), "--input", str(chat_file(root / "c.jsonl")),
+         "--target-model", tiny_llama_dir, "--output", str(out), "--max-length", "64",
+         "--valid-fraction", "0.15", "--min-supervised-tokens", "4", "--quiet"],
+        check=True, capture_output=True, text=True,
+    )
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def spec_invariant_runs():
+    """Per-rank results of tests.spec_invariants.worker: ONE launch of two gloo processes for
+    tests/test_invariants.py and tests/test_losses.py together."""
+    from tests.launcher import run_distributed
+    from tests.spec_invariants import worker
+
+    return run_distributed(worker, 2)

@@ -80,6 +80,7 @@ def main(target_dir, data_dir, rank, mode, inject=None):
     import pretrain_dspark
     from megaspark import losses
     from megaspark.arguments import parse_args
+    from megaspark.arguments.configs import run_config
     from megaspark.data.dataset import PreparedDataset
     from megaspark.targets.builtin import default_mask_token_id
     from megaspark.targets.checkpoint import TargetInfo
@@ -98,7 +99,8 @@ def main(target_dir, data_dir, rank, mode, inject=None):
     target = None
     if batches.computes_target():
         target = HFTargetProvider(target_dir, layer_ids=args.target_layer_ids_resolved, dtype=torch.bfloat16)
-    chunks, tcfg = build_model_chunks(args, dcfg, pretrain_dspark.model_provider)
+    cfg = run_config(args)
+    chunks, tcfg = build_model_chunks(cfg, dcfg, pretrain_dspark.model_provider)
     for chunk in chunks:
         chunk.load_target_embedding_shards(info)
     train = PreparedDataset(data_dir, "train", vocab_size=dcfg.vocab_size)
@@ -147,7 +149,7 @@ def main(target_dir, data_dir, rank, mode, inject=None):
         def zero_grad(self):
             pass
 
-    trainer_mod.build_optimizer = lambda args, ddp_chunks: (_NoOptimizer(), None)
+    trainer_mod.build_optimizer = lambda optim, ddp_chunks, *rest: (_NoOptimizer(), None)
 
     _check_collective_devices(torch)
     result = {"ok": False, "error": "", "syncs": [], "loss_device": None}
@@ -164,7 +166,7 @@ def main(target_dir, data_dir, rank, mode, inject=None):
                 if target is not None:
                     _to_fake(target.model, mode, dev)
                     target.device = dev
-                reports, keys, buf = _step(args, chunks, tcfg, dcfg, target, train, wrap_ddp, Trainer)
+                reports, keys, buf = _step(cfg, chunks, tcfg, dcfg, target, train, wrap_ddp, Trainer)
                 result["loss_device"] = str(buf.device) if buf is not None else None
                 assert buf is None or buf.device == dev, buf.device
         else:
@@ -179,7 +181,7 @@ def main(target_dir, data_dir, rank, mode, inject=None):
 
             with Recorder():
                 recording["on"] = True
-                _step(args, chunks, tcfg, dcfg, target, train, wrap_ddp, Trainer)
+                _step(cfg, chunks, tcfg, dcfg, target, train, wrap_ddp, Trainer)
                 recording["on"] = False
         result["ok"] = True
     except Exception as e:  # noqa: BLE001 - reported to the parent test
@@ -190,11 +192,11 @@ def main(target_dir, data_dir, rank, mode, inject=None):
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def _step(args, chunks, tcfg, dcfg, target, train, wrap_ddp, Trainer):
-    ddp_chunks = wrap_ddp(chunks, tcfg, args)
-    trainer = Trainer(args, chunks, ddp_chunks, tcfg, dcfg, target, train, None,
+def _step(cfg, chunks, tcfg, dcfg, target, train, wrap_ddp, Trainer):
+    ddp_chunks = wrap_ddp(chunks, tcfg, cfg.parallel.use_distributed_optimizer)
+    trainer = Trainer(cfg, chunks, ddp_chunks, tcfg, dcfg, target, train, None,
                       __import__("pretrain_dspark").forward_step, pad_id=train.pad_id)
-    micro = trainer._micro_batches(train, 0, args.num_microbatches)
+    micro = trainer._micro_batches(train, 0, cfg.optim.num_microbatches)
     reports = trainer.forward_backward(micro)
     keys, buf = trainer.stack_reports(reports)
     return reports, keys, buf

@@ -4,7 +4,7 @@ their model-level reductions at TP = 1 and TP = 2.
 
 The block-level VP properties (prefix range and pmf, real-token inputs for k < π, zero
 weight before π, decay 1 at the first masked slot) are in tests/test_blocks.py; §13 item 2
-for Convention S is in tests/test_invariants.py. This file adds the model-level item 22
+for Convention S is in tests/test_losses.py. This file adds the model-level item 22
 (π = 1 gives the DFlash Convention-D loss, sampled prefixes give Σω·CE/Σω on the model's
 own logits, equal at TP = 1 and 2) and the flag presets.
 """

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.test_pretrain import REPO, _ok, data_dir, losses, run  # noqa: F401
+from tests.launcher import REPO, losses, ok, run
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ def _flags(target, data, *extra):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_llama_dir, data_dir):  # noqa: F811
+def trained(tmp_path_factory, tiny_llama_dir, data_dir):
     root = tmp_path_factory.mktemp("algorithms")
     out = {}
     for mode, mode_flags in MODES.items():
@@ -45,7 +45,7 @@ def trained(tmp_path_factory, tiny_llama_dir, data_dir):  # noqa: F811
             save = ["--save", str(root / f"{mode}-ckpt")] if layout == "tp2" else []
             r = run(2, *_flags(tiny_llama_dir, data_dir, *mode_flags, *layout_flags, "--log-jsonl", str(log),
                                *save))
-            _ok(r)
+            ok(r)
             out[(mode, layout)] = dict(train=losses(log), eval=losses(log, "eval"), stdout=r.stdout)
         out[mode] = root / f"{mode}-ckpt"
     out["root"] = root
@@ -85,7 +85,7 @@ def _convert(ckpt, out, *flags):
 
 
 def test_exports_record_the_algorithm(trained):
-    from megaspark.export import hf as ex
+    from megaspark.export.files import read_hf
 
     root = trained["root"]
     flash = _convert(trained["dflash-original"], root / "hf-dflash", "--layout", "specforge")
@@ -105,17 +105,17 @@ def test_exports_record_the_algorithm(trained):
     vp = _convert(trained["vp_drafter"], root / "hf-vp", "--layout", "specforge")
     assert vp["dflash_config"]["training_mode"] == "vp_drafter"
     assert vp["dflash_config"]["prefix_weight_base"] == 0.8
-    dcfg = ex.read_hf(root / "hf-vp")[0]
+    dcfg = read_hf(root / "hf-vp")[0]
     assert (dcfg.training_mode, dcfg.prefix_weight_base, dcfg.convention) == ("vp_drafter", 0.8, "D")
     vp_deepspec = _convert(trained["vp_drafter"], root / "hf-vp-ds")
     assert vp_deepspec["training_mode"] == "vp_drafter"
     mla = _convert(trained["mla"], root / "hf-mla")
     assert mla["draft_attention"] == "mla" and (mla["q_lora_rank"], mla["kv_lora_rank"]) == (16, 24)
-    assert ex.read_hf(root / "hf-mla")[0].attention_type == "mla"
+    assert read_hf(root / "hf-mla")[0].attention_type == "mla"
 
 
 @pytest.mark.parametrize("mode", ["dflash", "dflash-original", "mla"])
-def test_speculative_decoding_with_dflash_drafts(trained, tiny_llama_dir, data_dir, tmp_path, mode):  # noqa: F811
+def test_speculative_decoding_with_dflash_drafts(trained, tiny_llama_dir, data_dir, tmp_path, mode):
     report = tmp_path / "report.json"
     r = subprocess.run(
         [sys.executable, str(REPO / "tools/eval_speculative.py"), "--draft", str(trained[mode]),

@@ -16,7 +16,7 @@ import re
 
 import pytest
 
-from tests.test_pretrain import _ok, base_flags, data_dir, losses, run  # noqa: F401
+from tests.launcher import base_flags, losses, ok, run
 
 pytestmark = pytest.mark.slow
 
@@ -35,12 +35,12 @@ def _flags(target, data, tp, pp, *extra):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_llama_dir, data_dir):  # noqa: F811
+def runs(tmp_path_factory, tiny_llama_dir, data_dir):
     root = tmp_path_factory.mktemp("bf16")
     out = {}
     log = root / "fp32.jsonl"
     r = run(1, *_flags(tiny_llama_dir, data_dir, 1, 1, "--train-iters", str(ITERS), "--log-jsonl", str(log)))
-    _ok(r)
+    ok(r)
     out["fp32"] = (losses(log), r)
     for tp, pp, dp in LAYOUTS:
         name = f"{tp}-{pp}-{dp}"
@@ -48,7 +48,7 @@ def runs(tmp_path_factory, tiny_llama_dir, data_dir):  # noqa: F811
         r = run(tp * pp * dp, *_flags(tiny_llama_dir, data_dir, tp, pp, "--bf16", "--train-iters", str(ITERS),
                                       "--save", str(root / f"ckpt-{name}"), "--save-interval", "5",
                                       "--log-jsonl", str(log)))
-        _ok(r)
+        ok(r)
         out[(tp, pp, dp)] = (losses(log), r)
     for tp, pp, dp in RESUMED:
         name = f"{tp}-{pp}-{dp}"
@@ -56,7 +56,7 @@ def runs(tmp_path_factory, tiny_llama_dir, data_dir):  # noqa: F811
         r = run(tp * pp * dp, *_flags(tiny_llama_dir, data_dir, tp, pp, "--bf16", "--train-iters", str(ITERS),
                                       "--load", str(root / f"ckpt-{name}" / "iter_0000005"),
                                       "--log-jsonl", str(log)))
-        _ok(r)
+        ok(r)
         out[("resumed", tp, pp, dp)] = (losses(log), r)
     return out
 

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 
-from megaspark.training.checkpointing import STATE_FILE, Checkpointer, CheckpointError, resolve_checkpoint
+from megaspark.checkpoint_files import STATE_FILE, CheckpointError, resolve_checkpoint
+from megaspark.arguments.configs import CheckpointConfig, RunConfig
+from megaspark.training.checkpointing import Checkpointer
 
 
 def _make(root, *iters):
@@ -22,7 +23,7 @@ def test_rotation_protects_latest_and_best(tmp_path):
     (tmp_path / "iter_0000007.tmp").mkdir()  # an unfinished write is not a checkpoint
     (tmp_path / "latest").write_text("iter_0000006")
     (tmp_path / "best").write_text("iter_0000002")
-    Checkpointer(SimpleNamespace(keep_last=2), None, "fp")._rotate(str(tmp_path))
+    Checkpointer(RunConfig(checkpoint=CheckpointConfig(keep_last=2)), None, "fp")._rotate(str(tmp_path))
     left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("iter_"))
     assert left == ["iter_0000002", "iter_0000005", "iter_0000006", "iter_0000007.tmp"]
 
@@ -30,7 +31,7 @@ def test_rotation_protects_latest_and_best(tmp_path):
 def test_latest_is_kept_even_if_older_than_the_window(tmp_path):
     _make(tmp_path, 1, 2, 3)
     (tmp_path / "latest").write_text("iter_0000001")
-    Checkpointer(SimpleNamespace(keep_last=1), None, "fp")._rotate(str(tmp_path))
+    Checkpointer(RunConfig(checkpoint=CheckpointConfig(keep_last=1)), None, "fp")._rotate(str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["iter_0000001", "iter_0000003"]
 
 
@@ -52,7 +53,7 @@ def _real(root, it, payload=b"shard-bytes" * 50):
     """A checkpoint directory as the saver leaves it: files, then checksums.json."""
     import torch
 
-    from megaspark.training.checkpointing import write_manifest
+    from megaspark.checkpoint_files import write_manifest
 
     d = root / f"iter_{it:07d}"
     d.mkdir(parents=True)
@@ -63,7 +64,7 @@ def _real(root, it, payload=b"shard-bytes" * 50):
 
 
 def test_verify_names_what_is_wrong(tmp_path):
-    from megaspark.training.checkpointing import MANIFEST_FILE, verify_checkpoint
+    from megaspark.checkpoint_files import MANIFEST_FILE, verify_checkpoint
 
     d = _real(tmp_path, 2)
     assert verify_checkpoint(str(d)) is None
@@ -87,7 +88,7 @@ def test_verify_names_what_is_wrong(tmp_path):
 
 
 def test_find_resumable_falls_back_and_reports(tmp_path):
-    from megaspark.training.checkpointing import find_resumable
+    from megaspark.checkpoint_files import find_resumable
 
     _real(tmp_path, 2)
     _real(tmp_path, 4)
@@ -125,10 +126,10 @@ def test_step_control_signal_and_budget():
 
     import torch
 
+    from megaspark.arguments.configs import ExitConfig
     from megaspark.training.resilience import StepControl
 
-    args = SimpleNamespace(exit_signal_handler=True, exit_duration_in_mins=None)
-    control = StepControl(args, torch.device("cpu"))
+    control = StepControl(ExitConfig(exit_signal_handler=True, exit_duration_in_mins=None), torch.device("cpu"))
     control.install()
     try:
         assert control.decide(torch.tensor(False)).exit_reason is None
@@ -138,7 +139,7 @@ def test_step_control_signal_and_budget():
     finally:
         control.restore()
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
-    late = StepControl(SimpleNamespace(exit_signal_handler=False, exit_duration_in_mins=1e-9), torch.device("cpu"))
+    late = StepControl(ExitConfig(exit_signal_handler=False, exit_duration_in_mins=1e-9), torch.device("cpu"))
     assert "exit-duration-in-mins" in late.decide(torch.tensor(False)).exit_reason
 
 
@@ -197,7 +198,8 @@ def test_checkpoint_writer_helper_dies_with_its_rank():
 
 
 def test_resume_choice_latest_first_and_a_requeued_run_prefers_its_own_save(tmp_path):
-    from megaspark.training.checkpointing import choose_resume, find_resumable
+    from megaspark.checkpoint_files import find_resumable
+    from megaspark.training.checkpointing import choose_resume
 
     run = tmp_path / "run"
     for it in (2, 4, 6):
@@ -206,10 +208,9 @@ def test_resume_choice_latest_first_and_a_requeued_run_prefers_its_own_save(tmp_
     assert find_resumable(str(run))[0] == str(run / "iter_0000004")
     start = tmp_path / "start"
     _real(start, 9)
-    args = SimpleNamespace(load=str(start), save=str(run), auto_resume=True)
-    assert choose_resume(args) == str(run / "iter_0000004")  # the run's own checkpoints win
-    assert choose_resume(SimpleNamespace(load=str(start), save=str(tmp_path / "fresh"), auto_resume=True)) \
+    assert choose_resume(CheckpointConfig(load=str(start), save=str(run), auto_resume=True)) == str(run / "iter_0000004")  # the run's own checkpoints win
+    assert choose_resume(CheckpointConfig(load=str(start), save=str(tmp_path / "fresh"), auto_resume=True)) \
         == str(start / "iter_0000009")
-    assert choose_resume(SimpleNamespace(load=None, save=str(run), auto_resume=False)) is None
-    assert choose_resume(SimpleNamespace(load=str(start), save=str(run), auto_resume=False)) \
+    assert choose_resume(CheckpointConfig(load=None, save=str(run), auto_resume=False)) is None
+    assert choose_resume(CheckpointConfig(load=str(start), save=str(run), auto_resume=False)) \
         == str(start / "iter_0000009")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from megaspark.data.draft_vocab import DraftVocab
 from megaspark.export.eagle3 import export_eagle3, read_eagle3
-from megaspark.export.hf import ExportError
+from megaspark.export.tensors import ExportError
 from tests.launcher import run_distributed
 from tests.sglang_marks import needs_sglang
 from tests.test_eagle3_model import CFG, CONFIGS, _config, case

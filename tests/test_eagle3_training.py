@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_pretrain import _ok, data_dir, losses, run  # noqa: F401
+from tests.launcher import losses, ok, run
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 
@@ -20,7 +20,7 @@ def flags(target, data, tp, *extra):
 
 
 @pytest.fixture(scope="module")
-def layouts(tmp_path_factory, tiny_llama_dir, data_dir):  # noqa: F811
+def layouts(tmp_path_factory, tiny_llama_dir, data_dir):
     root = tmp_path_factory.mktemp("eagle3")
     out = {}
     for tp, dp in LAYOUTS:
@@ -29,7 +29,7 @@ def layouts(tmp_path_factory, tiny_llama_dir, data_dir):  # noqa: F811
         if (tp, dp) == (2, 1):
             extra += ["--save", str(root / "ckpt"), "--save-interval", "2"]
         r = run(tp * dp, *flags(tiny_llama_dir, data_dir, tp, "--log-jsonl", str(log), *extra), timeout=600)
-        _ok(r)
+        ok(r)
         out[(tp, dp)] = (losses(log), losses(log, "eval"), r)
     return root, out
 
@@ -43,7 +43,7 @@ def test_eagle3_is_layout_invariant(layouts, layout):
         assert got[it] == pytest.approx(ref[it], rel=1e-4, abs=1e-5), (it, ref, got)
 
 
-def test_eagle3_run_reports_and_checkpoints(layouts, tiny_llama_dir, data_dir):  # noqa: F811
+def test_eagle3_run_reports_and_checkpoints(layouts, tiny_llama_dir, data_dir):
     root, out = layouts
     train, evals, r = out[(2, 1)]
     assert "eagle3: H 64" in r.stdout and "draft vocabulary 128 of 320, TTT steps 3" in r.stdout
@@ -54,7 +54,7 @@ def test_eagle3_run_reports_and_checkpoints(layouts, tiny_llama_dir, data_dir): 
     log = root / "resumed.jsonl"
     r2 = run(2, *flags(tiny_llama_dir, data_dir, 2, "--save", str(root / "ckpt"), "--log-jsonl", str(log)),
              timeout=600)
-    _ok(r2)
+    ok(r2)
     assert "resuming from" in r2.stdout and "iter_0000002" in r2.stdout
     again = losses(log)
     assert sorted(again) == [3, 4] and all(again[it] == train[it] for it in again), (again, train)
@@ -72,7 +72,7 @@ def test_eagle3_checkpoint_converts_to_the_engine_format(layouts, tmp_path):
 
     from megaspark.export.eagle3 import read_eagle3
     from megaspark.models.eagle3.model import STATE_DICT_MAP
-    from tests.test_pretrain import REPO
+    from tests.launcher import REPO
 
     root, _ = layouts
     ckpt = root / "ckpt" / "iter_0000002"  # intact (the newest may have been damaged above)
@@ -95,7 +95,7 @@ def test_eagle3_checkpoint_converts_to_the_engine_format(layouts, tmp_path):
     assert e.draft_vocab_size == 128 and vocab.size == 128
 
 
-def test_eval_speculative_decodes_with_the_eagle3_checkpoint(layouts, tiny_llama_dir, data_dir):  # noqa: F811
+def test_eval_speculative_decodes_with_the_eagle3_checkpoint(layouts, tiny_llama_dir, data_dir):
     """tools/eval_speculative.py with an Eagle3 training checkpoint: chain drafting against
     the real (tiny) target, greedy output identical to the target's, τ reported beside the
     checkpoint's analytic τ."""
@@ -103,7 +103,7 @@ def test_eval_speculative_decodes_with_the_eagle3_checkpoint(layouts, tiny_llama
     import subprocess
     import sys
 
-    from tests.test_pretrain import REPO
+    from tests.launcher import REPO
 
     root, _ = layouts
     out = root / "eval.json"
@@ -119,7 +119,7 @@ def test_eval_speculative_decodes_with_the_eagle3_checkpoint(layouts, tiny_llama
 
 
 @pytest.fixture(scope="module")
-def variants(tmp_path_factory, tiny_llama_dir, data_dir):  # noqa: F811
+def variants(tmp_path_factory, tiny_llama_dir, data_dir):
     """The MLA draft at TP 1 and TP 2 (checkpointed), the GQA draft at DP 2 with the
     distributed optimizer, and at TP 2 with sequence parallelism."""
     root = tmp_path_factory.mktemp("eagle3_variants")
@@ -131,7 +131,7 @@ def variants(tmp_path_factory, tiny_llama_dir, data_dir):  # noqa: F811
     for name, (tp, dp, extra) in runs.items():
         log = root / f"{name}.jsonl"
         r = run(tp * dp, *flags(tiny_llama_dir, data_dir, tp, "--log-jsonl", str(log), *extra), timeout=600)
-        _ok(r)
+        ok(r)
         out[name] = (losses(log), r)
     return root, out
 
@@ -144,7 +144,7 @@ def test_eagle3_mla_draft_trains_layout_invariant_and_converts(variants, layouts
     import subprocess
     import sys
 
-    from tests.test_pretrain import REPO
+    from tests.launcher import REPO
 
     root, out = variants
     (one, r1), (two, r2) = out["mla-1"], out["mla-2"]
@@ -175,7 +175,7 @@ def test_eagle3_with_the_distributed_optimizer_matches(variants, layouts):
         assert got[it] == pytest.approx(ref[it], rel=1e-4, abs=1e-5), (it, ref, got)
 
 
-def test_eagle3_with_sequence_parallelism_matches(variants, layouts, tiny_llama_dir, data_dir):  # noqa: F811
+def test_eagle3_with_sequence_parallelism_matches(variants, layouts, tiny_llama_dir, data_dir):
     """TP 2 with --sequence-parallel (S/tp positions per rank between the TP regions, the
     norms' gradients summed by megatron's finalize_model_grads) trains the same as one rank;
     impossible combinations are refused before anything loads."""

@@ -25,10 +25,27 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megaspark.config import DSparkConfig
-from megaspark.export import hf as ex
+from megaspark.export.files import export_hf, read_hf
+from megaspark.export.hf_config import canonical
+from megaspark.export.loading import (
+    build_model,
+    export_checkpoint,
+    load_draft,
+    load_hf_draft_weights,
+    target_embeddings,
+)
+from megaspark.export.score_batch import load_batch, save_batch
+from megaspark.export.tensors import (
+    FROZEN_TENSORS,
+    TENSORS,
+    ExportError,
+    hf_tensor_shapes,
+    parameter_counts,
+    trainable_parameter_count,
+)
+from megaspark.parallel import init_single_process_group
 from tests import dspark_cases as dc
-from tests.launcher import run_distributed
-from tests.test_pretrain import _ok, base_flags, data_dir, run  # noqa: F401
+from tests.launcher import base_flags, ok, run, run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +73,7 @@ def fake_target_config(d: DSparkConfig) -> dict:
 
 def export_case(name: str, out: Path, layout: str = "deepspec", **kw):
     d, _, weights, batch = dc.make_case(name)
-    config = ex.export_hf(weights, d, fake_target_config(d), out, layout=layout, target_name="fake", **kw)
+    config = export_hf(weights, d, fake_target_config(d), out, layout=layout, target_name="fake", **kw)
     return d, weights, batch, config
 
 
@@ -79,24 +96,24 @@ def qwen3_draft(hidden, heads, inter, n_target, **kw) -> DSparkConfig:
 def test_tensor_table_covers_the_adapter():
     from megaspark.models.dspark.state_dict_adapter import MAPPINGS
 
-    assert {t.hf for t in ex.TENSORS} == {n for m in MAPPINGS for n in m.hf}
+    assert {t.hf for t in TENSORS} == {n for m in MAPPINGS for n in m.hf}
 
 
 def test_parameter_counts_match_the_spec():
     d8 = qwen3_draft(4096, 32, 12288, 36)
-    counts = ex.parameter_counts(d8)
-    assert ex.trainable_parameter_count(d8) == counts["trainable"] == 1_126_422_017
+    counts = parameter_counts(d8)
+    assert trainable_parameter_count(d8) == counts["trainable"] == 1_126_422_017
     assert counts["per_layer"] == 192_946_432
     assert counts["frozen"] == 1_244_659_712
     dflash = qwen3_draft(4096, 32, 12288, 36, markov_rank=0, confidence_head=False)
-    assert ex.trainable_parameter_count(dflash) == 1_048_626_432
-    shapes = ex.hf_tensor_shapes(d8)
+    assert trainable_parameter_count(dflash) == 1_048_626_432
+    shapes = hf_tensor_shapes(d8)
     assert shapes["markov_head.markov_w1.weight"] == shapes["markov_head.markov_w2.weight"] == (151936, 256)
     assert shapes["confidence_head.proj.weight"] == (1, 4352)
     assert shapes["fc.weight"] == (4096, 5 * 4096)
     # the other released sizes (§2.2)
-    assert ex.trainable_parameter_count(qwen3_draft(2560, 32, 9728, 36)) == 615_221_249
-    assert ex.trainable_parameter_count(qwen3_draft(5120, 40, 17408, 40)) == 1_860_438_529
+    assert trainable_parameter_count(qwen3_draft(2560, 32, 9728, 36)) == 615_221_249
+    assert trainable_parameter_count(qwen3_draft(5120, 40, 17408, 40)) == 1_860_438_529
 
 
 # =====================================================================================
@@ -108,9 +125,9 @@ def test_parameter_counts_match_the_spec():
 @pytest.mark.parametrize("name", list(dc.CASES))
 def test_every_variant_round_trips(tmp_path, name, layout):
     d, weights, _, _ = export_case(name, tmp_path / "x", layout)
-    back, state = ex.read_hf(tmp_path / "x")
-    assert ex.canonical(back) == ex.canonical(d)
-    expected = {k for k in weights if layout == "deepspec" or k not in ex.FROZEN_TENSORS}
+    back, state = read_hf(tmp_path / "x")
+    assert canonical(back) == canonical(d)
+    expected = {k for k in weights if layout == "deepspec" or k not in FROZEN_TENSORS}
     assert set(state) == expected
     for k in expected:
         assert torch.equal(state[k], weights[k]), k
@@ -159,12 +176,12 @@ def test_draft_shape_that_differs_from_the_target_is_top_level(tmp_path):
     d, _, weights, _ = dc.make_case("S_vanilla_conf")
     target = fake_target_config(d)
     target.update(num_attention_heads=2, num_key_value_heads=1, head_dim=16, intermediate_size=40)
-    config = ex.export_hf(weights, d, target, tmp_path / "x")
+    config = export_hf(weights, d, target, tmp_path / "x")
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"],
             config["intermediate_size"]) == (4, 2, 8, 48)
     assert config["dspark_target_shape"] == dict(num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                                                  intermediate_size=40)
-    assert ex.canonical(ex.read_hf(tmp_path / "x")[0]) == ex.canonical(d)
+    assert canonical(read_hf(tmp_path / "x")[0]) == canonical(d)
 
 
 def test_specforge_layout(tmp_path):
@@ -179,7 +196,7 @@ def test_specforge_layout(tmp_path):
     assert "mask_token_id" not in config and config["block_size"] == d.block_size
     tensors = load_file(tmp_path / "s" / "model.safetensors")
     assert "embed_tokens.weight" not in tensors and "lm_head.weight" not in tensors
-    assert ex.canonical(ex.read_hf(tmp_path / "s")[0]) == ex.canonical(d)
+    assert canonical(read_hf(tmp_path / "s")[0]) == canonical(d)
     assert tool("validate_hf_export.py", tmp_path / "s", "--engine", "sglang").returncode == 0
     r = tool("validate_hf_export.py", tmp_path / "s", "--engine", "vllm")
     assert r.returncode == 1 and "vLLM reads DSpark fields at the top level" in r.stdout
@@ -228,7 +245,7 @@ def _deepspec_qwen3_dir(path: Path, markov_rank=6, confidence=True, dtype=torch.
 
 def test_deepspec_written_qwen3_checkpoint_imports(tmp_path):
     cfg, weights = _deepspec_qwen3_dir(tmp_path / "ds")
-    d, state = ex.read_hf(tmp_path / "ds")
+    d, state = read_hf(tmp_path / "ds")
     assert (d.target_model_type, d.qk_norm, d.rope_theta, d.num_layers, d.block_size, d.mask_token_id) == (
         "qwen3", True, 1e6, 2, 7, 60)
     assert (d.convention, d.gamma, d.alpha_ce, d.alpha_l1, d.alpha_conf) == ("S", 4.0, 0.1, 0.9, 1.0)
@@ -241,7 +258,7 @@ def test_deepspec_written_qwen3_checkpoint_imports(tmp_path):
     # DeepSpec's DFlash: same class, markov_rank 0 and no confidence head -> CE only
     _deepspec_qwen3_dir(tmp_path / "df", markov_rank=0, confidence=False, dtype=torch.float32, prefix="",
                         rotary=False)
-    d, _ = ex.read_hf(tmp_path / "df")
+    d, _ = read_hf(tmp_path / "df")
     assert (d.markov_rank, d.confidence_head, d.alpha_ce, d.alpha_l1, d.alpha_conf) == (0, False, 1.0, 0.0, 0.0)
     r = tool("validate_hf_export.py", tmp_path / "df", "--engine", "vllm")
     assert r.returncode == 0, r.stdout
@@ -253,30 +270,30 @@ def test_import_and_export_errors_are_clear(tmp_path):
     good = json.loads(cfg_file.read_text())
     broken = {k: v for k, v in good.items() if k != "target_layer_ids"}
     cfg_file.write_text(json.dumps(broken))
-    with pytest.raises(ex.ExportError, match="missing required field 'target_layer_ids'"):
-        ex.read_hf(tmp_path / "x")
+    with pytest.raises(ExportError, match="missing required field 'target_layer_ids'"):
+        read_hf(tmp_path / "x")
     cfg_file.write_text(json.dumps(dict(good, mask_token_id=good["vocab_size"])))
-    with pytest.raises(ex.ExportError, match="mask-token-id"):
-        ex.read_hf(tmp_path / "x")
+    with pytest.raises(ExportError, match="mask-token-id"):
+        read_hf(tmp_path / "x")
     cfg_file.write_text(json.dumps(dict(good, markov_rank=7)))
-    with pytest.raises(ex.ExportError, match="markov_w1.weight' has shape"):
-        ex.read_hf(tmp_path / "x")
-    with pytest.raises(ex.ExportError, match="no config.json"):
-        ex.read_hf(tmp_path)
+    with pytest.raises(ExportError, match="markov_w1.weight' has shape"):
+        read_hf(tmp_path / "x")
+    with pytest.raises(ExportError, match="no config.json"):
+        read_hf(tmp_path)
 
     d, _, weights, _ = dc.make_case("S_vanilla_conf")
     target = fake_target_config(d)
-    with pytest.raises(ex.ExportError, match=r"missing tensors \['norm.weight'\]"):
-        ex.export_hf({k: v for k, v in weights.items() if k != "norm.weight"}, d, target, tmp_path / "y")
-    with pytest.raises(ex.ExportError, match="unexpected tensors"):
-        ex.export_hf(dict(weights, **{"layers.9.mlp.up_proj.weight": weights["fc.weight"]}), d, target,
-                     tmp_path / "y")
-    with pytest.raises(ex.ExportError, match="target vocab_size"):
-        ex.export_hf(weights, d, dict(target, vocab_size=128), tmp_path / "y")
+    with pytest.raises(ExportError, match=r"missing tensors \['norm.weight'\]"):
+        export_hf({k: v for k, v in weights.items() if k != "norm.weight"}, d, target, tmp_path / "y")
+    with pytest.raises(ExportError, match="unexpected tensors"):
+        export_hf(dict(weights, **{"layers.9.mlp.up_proj.weight": weights["fc.weight"]}), d, target,
+                  tmp_path / "y")
+    with pytest.raises(ExportError, match="target vocab_size"):
+        export_hf(weights, d, dict(target, vocab_size=128), tmp_path / "y")
     assert not (tmp_path / "y").exists()
     # rotary buffers are dropped, never shipped
-    ex.export_hf(dict(weights, **{"layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}), d, target,
-                 tmp_path / "y")
+    export_hf(dict(weights, **{"layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}), d, target,
+              tmp_path / "y")
     assert not any("rotary" in k for k in load_file(tmp_path / "y" / "model.safetensors"))
 
 
@@ -356,32 +373,32 @@ def _summarise(model, dcfg, batch):
 def _export_worker(rank, world_size, ckpt, hf, batch_path):
     from megaspark.models.dspark.state_dict_adapter import hf_state_dict
 
-    ex.init_single_process_group()
+    init_single_process_group()
     out = {}
-    ex.export_checkpoint(ckpt, hf["SF"], layout="specforge")
-    batch = ex.load_batch(batch_path)
+    export_checkpoint(ckpt, hf["SF"], layout="specforge")
+    batch = load_batch(batch_path)
     for key, path in (("ckpt", ckpt), ("hf", hf["A"]), ("hfSF", hf["SF"])):
-        model, dcfg = ex.load_draft(path)  # hfSF: embed_tokens/lm_head from the recorded target
+        model, dcfg = load_draft(path)  # hfSF: embed_tokens/lm_head from the recorded target
         out[key] = _summarise(model, dcfg, batch)
     out["trainable_in_model"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    out["counts"] = ex.parameter_counts(dcfg)
+    out["counts"] = parameter_counts(dcfg)
     # the --load-hf-draft path: a fresh (differently initialised) model takes the trainable
     # tensors of an export and keeps its own frozen copies
-    fresh = ex._build_model(dcfg, 1)
+    fresh = build_model(dcfg, 1)
     reference, before = hf_state_dict(model), hf_state_dict(fresh)
-    ex.load_hf_draft_weights([fresh], hf["A"], dcfg)
+    load_hf_draft_weights([fresh], hf["A"], dcfg)
     after = hf_state_dict(fresh)
     out["load_hf_draft_weights"] = all(
-        torch.equal(after[k], reference[k]) for k in reference if k not in ex.FROZEN_TENSORS)
-    out["frozen_untouched"] = all(torch.equal(after[k], before[k]) for k in ex.FROZEN_TENSORS)
+        torch.equal(after[k], reference[k]) for k in reference if k not in FROZEN_TENSORS)
+    out["frozen_untouched"] = all(torch.equal(after[k], before[k]) for k in FROZEN_TENSORS)
     # every draft variant: model -> export -> load_draft -> identical forward
     same = {}
     for name in dc.CASES:
         d, _, weights, case_batch = dc.make_case(name)
         m = dc.build_model(d, weights)
         path = Path(hf["A"]).parent / f"case-{name}"
-        ex.export_hf(hf_state_dict(m), d, fake_target_config(d), path)
-        m2, d2 = ex.load_draft(path)
+        export_hf(hf_state_dict(m), d, fake_target_config(d), path)
+        m2, d2 = load_draft(path)
         a, b = _summarise(m, d, case_batch), _summarise(m2, d2, case_batch)
         same[name] = a["results"] == b["results"] and all(
             torch.equal(a["outputs"][k], b["outputs"][k]) for k in a["outputs"])
@@ -389,17 +406,17 @@ def _export_worker(rank, world_size, ckpt, hf, batch_path):
     # a DeepSpec-written Qwen3 checkpoint (bf16, `model.` prefix, rotary buffer) loads
     root = Path(hf["A"]).parent / "deepspec"
     _, weights = _deepspec_qwen3_dir(root)
-    m, _ = ex.load_draft(root)
+    m, _ = load_draft(root)
     got = hf_state_dict(m)
     out["deepspec_weights"] = all(torch.equal(got[k], weights[k].float()) for k in weights)
     return out
 
 
 def _resaved_worker(rank, world_size, ck, hf, batch_path):
-    ex.init_single_process_group()
-    out = {k: ex.export_checkpoint(ck[k], hf[k]) for k in ("B", "C")}
-    model, dcfg = ex.load_draft(ck["B"])
-    out["ckB"] = _summarise(model, dcfg, ex.load_batch(batch_path))
+    init_single_process_group()
+    out = {k: export_checkpoint(ck[k], hf[k]) for k in ("B", "C")}
+    model, dcfg = load_draft(ck["B"])
+    out["ckB"] = _summarise(model, dcfg, load_batch(batch_path))
     return out
 
 
@@ -407,8 +424,8 @@ def _tp2_worker(rank, world_size, hf_dir, batch_path):
     from megaspark.parallel import initialize_distributed
 
     initialize_distributed(tensor_model_parallel_size=2)
-    model, dcfg = ex.load_draft(hf_dir, tp=2)
-    results, _ = _score_module().score(model, dcfg, ex.load_batch(batch_path))
+    model, dcfg = load_draft(hf_dir, tp=2)
+    results, _ = _score_module().score(model, dcfg, load_batch(batch_path))
     return results
 
 
@@ -417,20 +434,20 @@ def _flags(target, data, *extra):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_llama_dir, data_dir):  # noqa: F811
+def trained(tmp_path_factory, tiny_llama_dir, data_dir):
     """A draft trained for two iterations at TP=2 with pretrain_dspark.py."""
     root = tmp_path_factory.mktemp("export_ckpts")
     ckpt = str(root / "ckA")
-    _ok(run(2, *_flags(tiny_llama_dir, data_dir, "--tensor-model-parallel-size", "2", "--save", ckpt)))
+    ok(run(2, *_flags(tiny_llama_dir, data_dir, "--tensor-model-parallel-size", "2", "--save", ckpt)))
     return root, ckpt
 
 
 @pytest.fixture(scope="module")
-def real_batch(trained, tiny_llama_dir, data_dir):  # noqa: F811
+def real_batch(trained, tiny_llama_dir, data_dir):
     """Two training samples with the target's real hidden states."""
     from megaspark.blocks import sample_anchors
+    from megaspark.checkpoint_files import read_state
     from megaspark.targets.hf import HFTargetProvider
-    from megaspark.training.checkpointing import read_state
 
     root, ckpt = trained
     dcfg = DSparkConfig.from_dict(read_state(ckpt)["dspark_config"])
@@ -442,7 +459,7 @@ def real_batch(trained, tiny_llama_dir, data_dir):  # noqa: F811
     out = target.compute(ids)
     anchors, keep = sample_anchors(mask, dcfg.num_anchors, generator=torch.Generator().manual_seed(0))
     path = root / "batch.safetensors"
-    ex.save_batch(path, ids, mask, out.aux_hidden_states, out.last_hidden_states, anchors, keep)
+    save_batch(path, ids, mask, out.aux_hidden_states, out.last_hidden_states, anchors, keep)
     return str(path)
 
 
@@ -459,7 +476,7 @@ def exported(trained, real_batch):
 
 
 @pytest.fixture(scope="module")
-def resaved(trained, exported, real_batch, tiny_llama_dir, data_dir):  # noqa: F811
+def resaved(trained, exported, real_batch, tiny_llama_dir, data_dir):
     """The same weights re-saved by pretrain_dspark.py at PP=2 and at TP=1, converted."""
     root, ckpt = trained
     ck = {"B": str(root / "ckB"), "C": str(root / "ckC")}
@@ -467,8 +484,8 @@ def resaved(trained, exported, real_batch, tiny_llama_dir, data_dir):  # noqa: F
         b = pool.submit(run, 2, *_flags(tiny_llama_dir, data_dir, "--pipeline-model-parallel-size", "2",
                                         "--load", ckpt, "--save", ck["B"]))
         c = pool.submit(run, 1, *_flags(tiny_llama_dir, data_dir, "--load", ckpt, "--save", ck["C"]))
-        _ok(b.result())
-        _ok(c.result())
+        ok(b.result())
+        ok(c.result())
     hf = {k: str(root / f"hf{k}") for k in ck}
     (result,) = run_distributed(_resaved_worker, 1, ck, hf, real_batch)
     return dict(hf=hf, worker=result)
@@ -507,9 +524,9 @@ def test_export_embeddings_are_the_targets_bit_for_bit(exported, tiny_llama_dir)
     assert torch.equal(tensors["embed_tokens.weight"], embed)
     assert torch.equal(tensors["lm_head.weight"], target.get("lm_head.weight", embed))  # tied target
     assert not any("rotary" in k for k in tensors)
-    assert torch.equal(ex.target_embeddings(tiny_llama_dir)[1], embed)
+    assert torch.equal(target_embeddings(tiny_llama_dir)[1], embed)
     sf = load_file(Path(exported["hf"]["SF"]) / "model.safetensors")
-    assert set(sf) == set(tensors) - set(ex.FROZEN_TENSORS)
+    assert set(sf) == set(tensors) - set(FROZEN_TENSORS)
     assert all(torch.equal(sf[k], tensors[k]) for k in sf)
 
 
@@ -570,5 +587,5 @@ def test_draft_without_qk_norm_loaded_by_a_default_run_suggests_the_flag(tmp_pat
 
     d, _, _, _ = export_case("S_vanilla_conf", tmp_path / "x")
     assert not d.qk_norm
-    with pytest.raises(ex.ExportError, match="qk_norm: export False vs run True.*--no-qk-norm"):
-        ex.load_hf_draft_weights([], tmp_path / "x", dcfg=dataclasses.replace(d, qk_norm=True))
+    with pytest.raises(ExportError, match="qk_norm: export False vs run True.*--no-qk-norm"):
+        load_hf_draft_weights([], tmp_path / "x", dcfg=dataclasses.replace(d, qk_norm=True))

@@ -56,12 +56,12 @@ def _run(target, data, rank, mode, inject):
 @pytest.fixture(scope="module")
 def results(tiny_qwen3_dir, tmp_path_factory):
     # a Qwen3-family target (untied head, spare vocab rows) and a dataset for it
-    from tests.test_pretrain import _chat_file
+    from tests.launcher import chat_file
 
     root = tmp_path_factory.mktemp("fake_accel")
     out = root / "data"
     subprocess.run(
-        [sys.executable, str(REPO / "tools/prepare_data.py"), "--input", str(_chat_file(root / "c.jsonl", 16)),
+        [sys.executable, str(REPO / "tools/prepare_data.py"), "--input", str(chat_file(root / "c.jsonl", 16)),
          "--target-model", tiny_qwen3_dir, "--output", str(out), "--max-length", "64",
          "--valid-fraction", "0", "--min-supervised-tokens", "4", "--quiet"],
         check=True, capture_output=True, text=True,

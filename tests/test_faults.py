@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_pretrain import data_dir  # noqa: F401  (module fixture: the tiny prepared dataset)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_pretrain import _fails, _ok, base_flags, data_dir, losses, run  # noqa: F401
+from tests.launcher import base_flags, fails, losses, ok, run
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ def _flags(target, data, tp, pp, *extra):
 
 
 @pytest.fixture(scope="module")
-def layout_losses(tmp_path_factory, tiny_llama_dir, data_dir):  # noqa: F811
+def layout_losses(tmp_path_factory, tiny_llama_dir, data_dir):
     out = {}
     root = tmp_path_factory.mktemp("layouts")
     for tp, pp, dp in LAYOUTS + [("vpp", 2, 1)]:
@@ -38,7 +38,7 @@ def layout_losses(tmp_path_factory, tiny_llama_dir, data_dir):  # noqa: F811
         log = root / f"{tp}-{pp}-{dp}.jsonl"
         r = run(tp_n * pp * dp, *_flags(tiny_llama_dir, data_dir, tp_n, pp, "--train-iters", str(ITERS),
                                         "--log-jsonl", str(log), *extra))
-        _ok(r)
+        ok(r)
         out[(tp, pp, dp)] = losses(log)
     return out
 
@@ -52,25 +52,25 @@ def test_layout_gives_the_same_losses(layout_losses, layout):
     assert ref[ITERS] < ref[1]  # and it is actually training
 
 
-def test_resharding_resume(tmp_path, tiny_llama_dir, data_dir, layout_losses):  # noqa: F811
+def test_resharding_resume(tmp_path, tiny_llama_dir, data_dir, layout_losses):
     reference = layout_losses[(1, 1, 1)]
     ckpt = tmp_path / "ckpt"
-    _ok(run(4, *_flags(tiny_llama_dir, data_dir, 2, 2, "--train-iters", str(ITERS), "--save", str(ckpt),
-                       "--save-interval", "2", "--exit-interval", "2")))
+    ok(run(4, *_flags(tiny_llama_dir, data_dir, 2, 2, "--train-iters", str(ITERS), "--save", str(ckpt),
+                      "--save-interval", "2", "--exit-interval", "2")))
     for tp, pp, dp in [(1, 1, 1), (1, 1, 4)]:
         log = tmp_path / f"resume-{tp}{pp}{dp}.jsonl"
-        _ok(run(tp * pp * dp, *_flags(tiny_llama_dir, data_dir, tp, pp, "--train-iters", str(ITERS),
-                                      "--load", str(ckpt), "--log-jsonl", str(log))))
+        ok(run(tp * pp * dp, *_flags(tiny_llama_dir, data_dir, tp, pp, "--train-iters", str(ITERS),
+                                     "--load", str(ckpt), "--log-jsonl", str(log))))
         got = losses(log)
         assert sorted(got) == [3, 4]
         for it in (3, 4):
             assert got[it] == pytest.approx(reference[it], rel=1e-4), ((tp, pp, dp), it, reference, got)
 
 
-def test_impossible_layouts_are_refused(tiny_llama_dir, data_dir):  # noqa: F811
+def test_impossible_layouts_are_refused(tiny_llama_dir, data_dir):
     flags = base_flags(tiny_llama_dir, data_dir, "--train-iters", "1")
-    _fails(run(3, *flags, "--tensor-model-parallel-size", "2"), "world size 3", "--tensor-model-parallel-size")
-    _fails(run(4, *flags, "--pipeline-model-parallel-size", "4"), "--pipeline-model-parallel-size 4",
-           "--num-layers")
-    _fails(run(2, *flags, "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"),
-           "--num-layers-per-virtual-pipeline-stage")
+    fails(run(3, *flags, "--tensor-model-parallel-size", "2"), "world size 3", "--tensor-model-parallel-size")
+    fails(run(4, *flags, "--pipeline-model-parallel-size", "4"), "--pipeline-model-parallel-size 4",
+          "--num-layers")
+    fails(run(2, *flags, "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"),
+          "--num-layers-per-virtual-pipeline-stage")

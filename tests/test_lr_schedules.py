@@ -4,7 +4,6 @@ through megaspark's optimizer builder and megatron-core's scheduler, in one gloo
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 
@@ -16,6 +15,7 @@ ITERS, GBS, LR, MIN_LR = 20, 4, 1e-3, 1e-4
 
 def _worker(rank, world_size):
     from megaspark.parallel import initialize_distributed
+    from megaspark.arguments.configs import OptimizationConfig
     from megaspark.training.trainer import build_optimizer, wrap_ddp
 
     initialize_distributed()
@@ -23,14 +23,14 @@ def _worker(rank, world_size):
     out = {}
     for style in ("constant", "linear", "cosine", "WSD"):
         model = dc.build_model(d, weights)
-        args = SimpleNamespace(
+        optim = OptimizationConfig(
             lr=LR, min_lr=MIN_LR, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8,
-            clip_grad=1.0, bf16=False, use_distributed_optimizer=False, train_iters=ITERS,
+            clip_grad=1.0, bf16=False, train_iters=ITERS,
             global_batch_size=GBS, lr_warmup_fraction=0.1, lr_decay_style=style,
             lr_wsd_decay_fraction=0.25,
         )
         tcfg = d.transformer_config()
-        optimizer, scheduler = build_optimizer(args, wrap_ddp([model], tcfg, args))
+        optimizer, scheduler = build_optimizer(optim, wrap_ddp([model], tcfg))
         lrs = []
         for _ in range(ITERS):
             lrs.append(optimizer.param_groups[0]["lr"])

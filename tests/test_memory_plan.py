@@ -25,7 +25,6 @@ import os
 import shlex
 import subprocess
 import sys
-import types
 import weakref
 from pathlib import Path
 
@@ -149,10 +148,11 @@ def _ranks():
 
 
 def _count_params(args, d):
+    from megaspark.arguments.configs import run_config
     from megaspark.training.pretrain import build_model_chunks
     from pretrain_dspark import model_provider
 
-    chunks, _ = build_model_chunks(args, d, model_provider)
+    chunks, _ = build_model_chunks(run_config(args), d, model_provider)
     out = dict(trainable=0, frozen=0, trainable_bytes=0, frozen_bytes=0)
     for chunk in chunks:
         for p in chunk.parameters():
@@ -163,10 +163,11 @@ def _count_params(args, d):
 
 
 def _plan(args, d, computes_target=False, hf_config=None):
+    from megaspark.arguments.configs import plan_settings
     from megaspark.memory_plan import plan_memory
 
     tp_rank, pp_rank, dp = _ranks()
-    return plan_memory(args, d, hf_config, tp_rank=tp_rank, pp_rank=pp_rank, dp_size=dp,
+    return plan_memory(plan_settings(args), d, hf_config, tp_rank=tp_rank, pp_rank=pp_rank, dp_size=dp,
                        computes_target=computes_target)
 
 
@@ -209,6 +210,7 @@ def _measure_step(name, tp, pp, micro, bf16):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megaspark.training.batches import computes_target, prepare_micro_batches
+    from megaspark.arguments.configs import run_config
     from megaspark.training.pretrain import build_model_chunks
     from megaspark.training.trainer import build_optimizer, wrap_ddp
     from pretrain_dspark import forward_step, model_provider
@@ -220,11 +222,12 @@ def _measure_step(name, tp, pp, micro, bf16):
     torch.manual_seed(0)
     tracker = LiveStorageTracker()
     with tracker:
-        chunks, tcfg = build_model_chunks(args, d, model_provider)
-        ddp = wrap_ddp(chunks, tcfg, args)
+        cfg = run_config(args)
+        chunks, tcfg = build_model_chunks(cfg, d, model_provider)
+        ddp = wrap_ddp(chunks, tcfg, cfg.parallel.use_distributed_optimizer)
         tcfg.no_sync_func = ddp[0].no_sync
         tcfg.finalize_model_grads_func = finalize_model_grads
-        optimizer, _ = build_optimizer(args, ddp)
+        optimizer, _ = build_optimizer(cfg.optim, ddp, cfg.parallel.use_distributed_optimizer)
         for chunk in ddp:
             chunk.zero_grad_buffer()
         optimizer.step()  # zero gradients: allocates Adam's state, leaves the weights alone
@@ -369,17 +372,15 @@ def test_target_share_matches(dtype):
 
 # ----------------------------------------------------------------------------- the refusal
 def _plan_for(budget_gb=None, **overrides):
-    from megaspark.memory_plan import plan_memory
+    from megaspark.memory_plan import PlanSettings, plan_memory
 
     d = _config(**dict(MEASURE_FIELDS, num_layers=2))
-    args = types.SimpleNamespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-                                 virtual_pipeline_model_parallel_size=None, micro_batch_size=1,
-                                 seq_length=512, bf16=True, use_distributed_optimizer=False,
-                                 target_dtype=torch.bfloat16, memory_budget_gb=budget_gb,
-                                 num_microbatches=4)
-    for k, v in overrides.items():
-        setattr(args, k, v)
-    return plan_memory(args, d, _small_qwen3(), tp_rank=0, pp_rank=0, dp_size=4,
+    settings = dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                    virtual_pipeline_model_parallel_size=None, micro_batch_size=1,
+                    seq_length=512, bf16=True, use_distributed_optimizer=False,
+                    target_dtype=torch.bfloat16, memory_budget_gb=budget_gb, num_microbatches=4)
+    settings.update(overrides)
+    return plan_memory(PlanSettings(**settings), d, _small_qwen3(), tp_rank=0, pp_rank=0, dp_size=4,
                        computes_target=True)
 
 

@@ -32,7 +32,10 @@ import pytest
 import torch
 
 from megaspark.config import ConfigError, DSparkConfig, yarn_parameters
-from megaspark.export import hf as ex
+from megaspark.export.files import export_hf, read_hf
+from megaspark.export.hf_config import canonical
+from megaspark.export.loading import load_draft
+from megaspark.export.tensors import ExportError, hf_tensor_shapes, parameter_counts
 from tests import dspark_cases as dc
 from tests import reference
 from tests.launcher import run_distributed
@@ -272,7 +275,7 @@ def per_layer_count(d: DSparkConfig) -> int:
 @pytest.mark.parametrize("name", ["q0_structured", "q12_dense_gated"])
 def test_tensor_table_and_parameter_counts(cases, name):
     d = cases[name]
-    shapes = ex.hf_tensor_shapes(d)
+    shapes = hf_tensor_shapes(d)
     attn = sorted(k.split("self_attn.")[1] for k in shapes if k.startswith("layers.0.self_attn."))
     q_names = (["q_a_layernorm.weight", "q_a_proj.weight", "q_b_proj.weight"] if d.q_lora_rank
                else ["q_proj.weight"])
@@ -281,7 +284,7 @@ def test_tensor_table_and_parameter_counts(cases, name):
     assert shapes["layers.1.self_attn.kv_b_proj.weight"] == (4 * (8 + 6), 16)
     assert shapes["layers.1.self_attn.kv_a_proj_with_mqa.weight"] == (16 + 4, 32)
     assert shapes["layers.1.self_attn.o_proj.weight"] == (32, 4 * 6)
-    counts = ex.parameter_counts(d)
+    counts = parameter_counts(d)
     assert counts["per_layer"] == per_layer_count(d)
     heads = counts["markov_head"] + counts["confidence_head"]
     H, L = d.hidden_size, len(d.target_layer_ids)
@@ -296,7 +299,7 @@ def test_tensor_table_and_parameter_counts(cases, name):
         layer = DeepseekV3Attention(transformers.DeepseekV3Config(), 0)
         attention = sum(p.numel() for p in layer.parameters())
     assert attention == 187_107_328
-    assert ex.parameter_counts(big)["per_layer"] == attention + 3 * 7168 * 18432 + 2 * 7168
+    assert parameter_counts(big)["per_layer"] == attention + 3 * 7168 * 18432 + 2 * 7168
 
 
 @pytest.mark.parametrize("layout", ["deepspec", "specforge"])
@@ -309,7 +312,7 @@ def test_export_config_round_trip(tmp_path, cases, deepseek_dir, name, layout):
         from megaspark.targets.hf import load_config_offline
 
         target = load_config_offline(deepseek_dir).get_text_config()
-    config = ex.export_hf(weights, d, target, tmp_path / "out", layout=layout, target_name="fake")
+    config = export_hf(weights, d, target, tmp_path / "out", layout=layout, target_name="fake")
     assert config["draft_attention"] == "mla" and config["num_key_value_heads"] == d.num_attention_heads
     assert config["q_lora_rank"] == (d.q_lora_rank or None)  # DeepSeek: null = q_proj
     assert [config[k] for k in MLA_DIMS[1:]] == [getattr(d, k) for k in MLA_DIMS[1:]]
@@ -321,8 +324,8 @@ def test_export_config_round_trip(tmp_path, cases, deepseek_dir, name, layout):
     if name == "deepseek_tiny":
         assert config["first_k_dense_replace"] == d.num_layers and "num_nextn_predict_layers" not in config
         assert "dspark_target_shape" not in config  # the draft has the target's dims
-    back, state = ex.read_hf(tmp_path / "out")
-    assert ex.canonical(back) == ex.canonical(d)
+    back, state = read_hf(tmp_path / "out")
+    assert canonical(back) == canonical(d)
     for k, v in state.items():
         assert torch.equal(v, weights[k]), k
     # the validator accepts it
@@ -340,34 +343,34 @@ def test_gqa_draft_of_deepseek_target_exports_as_gqa(tmp_path, deepseek_dir):
 
     d = deepseek_config(deepseek_dir, attention_type="gqa").validate()
     _, weights, _ = make_case(d)
-    config = ex.export_hf(weights, d, load_config_offline(deepseek_dir).get_text_config(), tmp_path / "g")
+    config = export_hf(weights, d, load_config_offline(deepseek_dir).get_text_config(), tmp_path / "g")
     assert not any(k in config for k in ("draft_attention", "kv_lora_rank", "qk_head_dim", "rope_interleave"))
     assert d.qk_norm  # a GQA draft has q/k norms whatever the target: the engines' block
     assert config["architectures"] == ["Qwen3DSparkModel"] and config["dspark_qk_norm"] is True
     assert config["dspark_target_shape"]["kv_lora_rank"] == 32
-    back, _ = ex.read_hf(tmp_path / "g")
-    assert ex.canonical(back) == ex.canonical(d)
+    back, _ = read_hf(tmp_path / "g")
+    assert canonical(back) == canonical(d)
 
 
 def test_mla_import_errors(tmp_path, cases):
     d = cases["q0_structured"]
     _, weights, _ = make_case(d)
-    ex.export_hf(weights, d, target_config(d), tmp_path / "m")
+    export_hf(weights, d, target_config(d), tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["rope_interleave"] = False
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ex.ExportError, match="rope_interleave false is not supported"):
-        ex.read_hf(tmp_path / "m")
+    with pytest.raises(ExportError, match="rope_interleave false is not supported"):
+        read_hf(tmp_path / "m")
     cfg["rope_interleave"] = True
     cfg["kv_lora_rank"] = 0
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ex.ExportError, match="--kv-lora-rank must be > 0"):
-        ex.read_hf(tmp_path / "m")
+    with pytest.raises(ExportError, match="--kv-lora-rank must be > 0"):
+        read_hf(tmp_path / "m")
     # a weight that does not fit the MLA config
     bad = dict(weights)
     bad["layers.0.self_attn.kv_b_proj.weight"] = torch.zeros(3, 16)
-    with pytest.raises(ex.ExportError, match="kv_b_proj.weight' has shape"):
-        ex.export_hf(bad, d, target_config(d), tmp_path / "bad")
+    with pytest.raises(ExportError, match="kv_b_proj.weight' has shape"):
+        export_hf(bad, d, target_config(d), tmp_path / "bad")
 
 
 def test_transformer_engine_spec_refuses_mla():
@@ -431,9 +434,9 @@ def _hf_layer_check(d, weights):
     )
 
     from megaspark.blocks import dense_attention_mask
-    from tests.test_invariants import _leak_batch
+    from tests.spec_invariants import leak_batch
 
-    batch = _leak_batch(d)  # dummy blocks and a block anchored at 0
+    batch = leak_batch(d)  # dummy blocks and a block anchored at 0
     rope = {"rope_theta": d.rope_theta, "rope_type": "default"}
     if d.rope_yarn:
         rope = {"rope_theta": d.rope_theta, "rope_type": "yarn", **d.rope_yarn}
@@ -482,10 +485,10 @@ def _hf_layer_check(d, weights):
 def _leak(d, weights, tp):
     """Block j's h under perturbations of what it must not see (context >= a_j, other blocks'
     noise ids and positions) and of what it must see (context a_j - 1, its own last slot)."""
-    from tests.test_invariants import _leak_batch
+    from tests.spec_invariants import leak_batch
 
     g = torch.Generator().manual_seed(11)
-    batch = _leak_batch(d)
+    batch = leak_batch(d)
     model = dc.build_model(d, weights, tp=tp)
     inputs = dc.draft_inputs(d, batch)
 
@@ -533,8 +536,8 @@ def _export_round_trip(d, weights, batch, out_dir):
 
     model = dc.build_model(d, weights, tp=1)
     inputs = dc.draft_inputs(d, batch)
-    ex.export_hf(hf_state_dict(model), d, target_config(d), out_dir, target_name="fake")
-    loaded, d2 = ex.load_draft(out_dir)
+    export_hf(hf_state_dict(model), d, target_config(d), out_dir, target_name="fake")
+    loaded, d2 = load_draft(out_dir)
     with torch.no_grad():
         h1 = model(dataclasses.replace(inputs, labels=None))
         h2 = loaded(dataclasses.replace(inputs, labels=None))
@@ -552,7 +555,7 @@ def _export_round_trip(d, weights, batch, out_dir):
     incremental.propose(int(ids[5]), 5, feats[:5])
     p_inc = incremental.propose(int(ids[9]), 9, feats[5:9])
     p_once = DraftProposer(loaded).propose(int(ids[9]), 9, feats[:9])
-    return dict(logits=(logits1, logits2), loss=(l1, l2), same_config=ex.canonical(d2) == ex.canonical(d),
+    return dict(logits=(logits1, logits2), loss=(l1, l2), same_config=canonical(d2) == canonical(d),
                 trainable=trainable, proposals=(p_inc.tokens, p_once.tokens, p_inc.confidences,
                                                 p_once.confidences), drafts=d.drafts_per_block)
 
@@ -721,7 +724,7 @@ def test_export_round_trip_gives_identical_logits(results, cases, name):
         assert r["same_config"]
         assert torch.equal(*r["logits"])
         assert r["loss"][0] == r["loss"][1]
-        assert r["trainable"] == ex.parameter_counts(cases[name])["trainable"]
+        assert r["trainable"] == parameter_counts(cases[name])["trainable"]
         inc, once, c_inc, c_once = r["proposals"]
         assert len(inc) == r["drafts"] and inc == once
         assert max(abs(a - b) for a, b in zip(c_inc, c_once)) < 1e-5

@@ -8,85 +8,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
+from tests.launcher import REPO, base_flags, chat_file, fails, losses, ok, run
 from tests.sglang_marks import needs_sglang
 from tests.tiny_models import make_tiny_target
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _chat_file(path: Path, n: int = 48) -> Path:
-    import random
-
-    rng = random.Random(0)
-    words = "the cat sat on a mat and then it ran to see the dog who was very happy today".split()
-    with open(path, "w") as f:
-        for _ in range(n):
-            q = " ".join(rng.choices(words, k=6))
-            a = " ".join(rng.choices(words, k=30))
-            f.write(json.dumps({"messages": [{"role": "user", "content": q},
-                                             {"role": "assistant", "content": a}]}) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, tiny_llama_dir):
-    root = tmp_path_factory.mktemp("pretrain_data")
-    out = root / "data"
-    subprocess.run(
-        [sys.executable, str(REPO / "tools/prepare_data.py"), "--input", str(_chat_file(root / "c.jsonl")),
-         "--target-model", tiny_llama_dir, "--output", str(out), "--max-length", "64",
-         "--valid-fraction", "0.15", "--min-supervised-tokens", "4", "--quiet"],
-        check=True, capture_output=True, text=True,
-    )
-    return str(out)
-
-
-def run(nproc: int, *flags: str, env=None, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(_free_port()), str(REPO / "pretrain_dspark.py"), *flags]
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    # Output goes to files, not pipes: a rank killed mid-save can orphan megatron's
-    # checkpoint helper process, which would hold a pipe open forever.
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.run(cmd, stdout=out, stderr=err, text=True, timeout=timeout,
-                              env=full_env, cwd=REPO)
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
-
-
-def _free_port() -> int:
-    from tests.launcher import free_port
-
-    return free_port()
-
-
-def base_flags(target, data, *extra):
-    return [
-        "--target-model", target, "--data-path", data, "--num-layers", "2", "--block-size", "4",
-        "--num-anchors", "6", "--markov-rank", "8", "--seq-length", "64", "--micro-batch-size", "2",
-        "--num-target-taps", "2", "--lr", "2e-3", "--lr-warmup-fraction", "0", "--log-interval", "1",
-        "--no-progress-bar", *extra,
-    ]
-
-
-def losses(jsonl: Path, kind: str = "train") -> dict:
-    out = {}
-    for line in jsonl.read_text().splitlines():
-        rec = json.loads(line)
-        if rec["kind"] == kind:
-            out[rec["iteration"]] = rec["loss"]
-    return out
-
-
-def _ok(r):
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_trains_and_checkpoints(tmp_path, tiny_llama_dir, data_dir, tp):
@@ -95,7 +23,7 @@ def test_trains_and_checkpoints(tmp_path, tiny_llama_dir, data_dir, tp):
                            "--global-batch-size", "4", "--train-iters", "4", "--eval-interval", "2",
                            "--eval-iters", "1", "--save", str(tmp_path / "ckpt"), "--save-interval", "2",
                            "--log-jsonl", str(log), "--tensorboard-dir", str(tmp_path / "tb")))
-    _ok(r)
+    ok(r)
     assert "iter      4/4" in r.stdout and "eval @ 4" in r.stdout
     train = losses(log)
     assert sorted(train) == [1, 2, 3, 4] and all(v == v for v in train.values())
@@ -114,7 +42,7 @@ def test_loss_decreases_on_a_fixed_batch(tmp_path, tiny_llama_dir, data_dir):
     log = tmp_path / "m.jsonl"
     r = run(1, *base_flags(tiny_llama_dir, str(small), "--global-batch-size", "4", "--train-iters", "12",
                            "--lr", "1e-2", "--lr-decay-style", "constant", "--log-jsonl", str(log)))
-    _ok(r)
+    ok(r)
     train = losses(log)
     assert train[12] < 0.8 * train[1], train
 
@@ -123,13 +51,13 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, tiny_llama_dir, data_dir)
     common = base_flags(tiny_llama_dir, data_dir, "--tensor-model-parallel-size", "2",
                         "--global-batch-size", "4", "--train-iters", "6")
     full = tmp_path / "full.jsonl"
-    _ok(run(2, *common, "--log-jsonl", str(full)))
+    ok(run(2, *common, "--log-jsonl", str(full)))
     ckpt = tmp_path / "ckpt"
     part = tmp_path / "part.jsonl"
-    _ok(run(2, *common, "--save", str(ckpt), "--save-interval", "3", "--exit-interval", "3",
-            "--log-jsonl", str(part)))
+    ok(run(2, *common, "--save", str(ckpt), "--save-interval", "3", "--exit-interval", "3",
+           "--log-jsonl", str(part)))
     assert sorted(losses(part)) == [1, 2, 3]
-    _ok(run(2, *common, "--load", str(ckpt), "--save", str(ckpt), "--log-jsonl", str(part)))
+    ok(run(2, *common, "--load", str(ckpt), "--save", str(ckpt), "--log-jsonl", str(part)))
     a, b = losses(full), losses(part)
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
     for it in range(1, 7):
@@ -145,7 +73,7 @@ def test_padding_to_the_longest_sample_gives_the_same_losses(tmp_path, tiny_llam
     out = {}
     for multiple in ("0", "16"):
         log = tmp_path / f"pad{multiple}.jsonl"
-        _ok(run(1, *common, "--pad-to-multiple", multiple, "--log-jsonl", str(log)))
+        ok(run(1, *common, "--pad-to-multiple", multiple, "--log-jsonl", str(log)))
         out[multiple] = (losses(log), losses(log, "eval"))
     (train0, eval0), (train16, eval16) = out["0"], out["16"]
     assert sorted(train16) == [1, 2, 3] and eval16
@@ -164,52 +92,42 @@ def test_length_grouped_sampler_is_layout_independent(tmp_path, tiny_llama_dir, 
     got = {}
     for nproc in (1, 2):
         log = tmp_path / f"dp{nproc}.jsonl"
-        _ok(run(nproc, *common, "--pad-to-multiple", "16", "--log-jsonl", str(log)))
+        ok(run(nproc, *common, "--pad-to-multiple", "16", "--log-jsonl", str(log)))
         got[nproc] = losses(log)
     assert sorted(got[2]) == [1, 2, 3]
     for it in got[1]:
         assert got[2][it] == pytest.approx(got[1][it], rel=1e-5, abs=1e-6), got
 
 
-def _fails(r, *needles):
-    assert r.returncode != 0
-    err = r.stderr
-    # torchrun reports a failed worker with its own traceback; ours must not have one
-    assert f'File "{REPO}' not in err, err[-3000:]
-    assert "pretrain_dspark.py: error:" in err, err[-3000:]
-    for n in needles:
-        assert n in err, err[-3000:]
-
-
 def test_bad_input_is_refused_clearly(tmp_path, tiny_llama_dir, tiny_qwen3_dir, data_dir):
     flags = base_flags(tiny_llama_dir, data_dir, "--train-iters", "1")
     # a dataset tokenized for another target; one changed after preparation (same size)
-    _fails(run(1, *base_flags(tiny_qwen3_dir, data_dir, "--train-iters", "1")),
-           "meta.json was prepared for another tokenizer", "tokenizer_vocab_size")
+    fails(run(1, *base_flags(tiny_qwen3_dir, data_dir, "--train-iters", "1")),
+          "meta.json was prepared for another tokenizer", "tokenizer_vocab_size")
     changed = tmp_path / "changed"
     shutil.copytree(data_dir, changed)
     blob = bytearray((changed / "train.bin").read_bytes())
     blob[7] ^= 1
     (changed / "train.bin").write_bytes(bytes(blob))
-    _fails(run(1, *base_flags(tiny_llama_dir, str(changed), "--train-iters", "1")), "train.bin", "sha256 mismatch")
-    _fails(run(1, *flags, "--global-batch-size", "3"), "--global-batch-size")
-    _fails(run(2, *flags, "--tensor-model-parallel-size", "2", "--num-query-groups", "1"),
-           "--num-query-groups", "--tensor-model-parallel-size")
-    _fails(run(1, *flags, "--target-layer-ids", "1", "5"), "--target-layer-ids")
+    fails(run(1, *base_flags(tiny_llama_dir, str(changed), "--train-iters", "1")), "train.bin", "sha256 mismatch")
+    fails(run(1, *flags, "--global-batch-size", "3"), "--global-batch-size")
+    fails(run(2, *flags, "--tensor-model-parallel-size", "2", "--num-query-groups", "1"),
+          "--num-query-groups", "--tensor-model-parallel-size")
+    fails(run(1, *flags, "--target-layer-ids", "1", "5"), "--target-layer-ids")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "meta.json").write_text(Path(data_dir, "meta.json").read_text())
     (bad / "train.jsonl").write_text('{"input_ids": [1, 2, 3], "loss_mask": [0, 1]}\n')
-    _fails(run(1, *base_flags(tiny_llama_dir, str(bad), "--train-iters", "1")), "line 1")
+    fails(run(1, *base_flags(tiny_llama_dir, str(bad), "--train-iters", "1")), "line 1")
     ckpt = tmp_path / "ckpt"
-    _ok(run(1, *flags, "--global-batch-size", "2", "--save", str(ckpt)))
+    ok(run(1, *flags, "--global-batch-size", "2", "--save", str(ckpt)))
     other = base_flags(tiny_llama_dir, data_dir, "--train-iters", "2")
     other[other.index("--num-layers") + 1] = "1"
-    _fails(run(1, *other, "--load", str(ckpt)), "different draft shape", "num_layers")
+    fails(run(1, *other, "--load", str(ckpt)), "different draft shape", "num_layers")
     # a checkpoint of another target (same shapes, different weights/config) is refused
     other_target = make_tiny_target(tmp_path / "other", family="llama", seed=1, num_layers=7)
-    _fails(run(1, *base_flags(other_target, data_dir, "--train-iters", "2"), "--load", str(ckpt)),
-           "different target")
+    fails(run(1, *base_flags(other_target, data_dir, "--train-iters", "2"), "--load", str(ckpt)),
+          "different target")
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +137,7 @@ def smollm2_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("smollm2")
     out = tmp_path / "data"
     subprocess.run(
-        [sys.executable, str(REPO / "tools/prepare_data.py"), "--input", str(_chat_file(tmp_path / "c.jsonl", 16)),
+        [sys.executable, str(REPO / "tools/prepare_data.py"), "--input", str(chat_file(tmp_path / "c.jsonl", 16)),
          "--target-model", "builtin:smollm2-135m", "--output", str(out), "--max-length", "96",
          "--valid-fraction", "0.25", "--min-supervised-tokens", "4", "--quiet"],
         check=True, capture_output=True, text=True, timeout=600,
@@ -238,7 +156,7 @@ def smollm2_run(tmp_path_factory):
 def test_short_run_against_real_smollm2(smollm2_run):
     """The embedded default target end to end."""
     tmp_path, r, log = smollm2_run
-    _ok(r)
+    ok(r)
     assert "heads 8/4x72" in r.stdout  # 9/3 heads of SmolLM2 do not split over TP=2
     train = losses(log)
     assert sorted(train) == [1, 2, 3] and all(v == v and v > 0 for v in train.values())
@@ -254,7 +172,7 @@ def test_real_smollm2_draft_is_served_by_sglang(smollm2_run):
     tensor and drafts the same blocks as megaspark (with SmolLM2's own embedding and LM
     head: the export does not ship them, the validator takes them from the target)."""
     tmp_path, r, _ = smollm2_run
-    _ok(r)
+    ok(r)
     hf = tmp_path / "hf"
     subprocess.run([sys.executable, str(REPO / "tools/convert_checkpoint_to_hf.py"), "--load",
                     str(tmp_path / "ckpt"), "--output", str(hf)], check=True, capture_output=True,
@@ -273,13 +191,13 @@ def test_load_hf_draft_continues_from_exported_weights(tmp_path, tiny_llama_dir,
     is reproduced exactly (lr 0 keeps them unchanged for the evaluation)."""
     ckpt, hf, log_a, log_b = tmp_path / "ckpt", tmp_path / "hf", tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     common = base_flags(tiny_llama_dir, data_dir, "--global-batch-size", "2", "--eval-iters", "2")
-    _ok(run(1, *common, "--train-iters", "2", "--eval-interval", "2", "--save", str(ckpt),
-            "--log-jsonl", str(log_a)))
+    ok(run(1, *common, "--train-iters", "2", "--eval-interval", "2", "--save", str(ckpt),
+           "--log-jsonl", str(log_a)))
     subprocess.run([sys.executable, str(REPO / "tools/convert_checkpoint_to_hf.py"), "--load", str(ckpt),
                     "--output", str(hf)], check=True, capture_output=True, text=True, timeout=300)
     flags = list(common)
     flags[flags.index("--lr") + 1] = "0"
-    _ok(run(2, *flags, "--tensor-model-parallel-size", "2", "--train-iters", "1", "--eval-interval", "1",
-            "--load-hf-draft", str(hf), "--log-jsonl", str(log_b)))
+    ok(run(2, *flags, "--tensor-model-parallel-size", "2", "--train-iters", "1", "--eval-interval", "1",
+           "--load-hf-draft", str(hf), "--log-jsonl", str(log_b)))
     a, b = losses(log_a, "eval"), losses(log_b, "eval")
     assert b[1] == pytest.approx(a[2], rel=1e-5), (a, b)

@@ -22,7 +22,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from megaspark.export import hf as ex
+from megaspark.export.files import export_hf
+from megaspark.export.score_batch import BATCH_TENSORS, save_batch
 from tests import dspark_cases as dc
 from tests.launcher import run_distributed
 from tests.test_export import fake_target_config
@@ -83,11 +84,11 @@ def files(tmp_path_factory):
     safetensors and a DeepSpec torch.save dict (hidden states bf16-exact, so all agree)."""
     root = tmp_path_factory.mktemp("score_deepspec")
     d, _, weights, batch = dc.make_case(CASE, S=24)
-    ex.export_hf(weights, d, fake_target_config(d), root / "draft", target_name="fake")
+    export_hf(weights, d, fake_target_config(d), root / "draft", target_name="fake")
     for key in ("target_hidden_states", "target_last_hidden_states"):
         batch[key] = batch[key].to(torch.bfloat16).float()
     ours = root / "ours.safetensors"
-    ex.save_batch(ours, **{k: batch[k] for k in ex.BATCH_TENSORS})
+    save_batch(ours, **{k: batch[k] for k in BATCH_TENSORS})
     theirs = deepspec_tensors(batch)
     save_file(theirs, str(root / "deepspec.safetensors"))
     torch.save(theirs, root / "deepspec.pt")
@@ -96,8 +97,8 @@ def files(tmp_path_factory):
 
 
 def test_key_map_covers_our_batch():
-    assert set(sb.MEGASPARK_KEYS) == set(ex.BATCH_TENSORS)
-    assert set(sb.DEEPSPEC_KEYS.values()) == set(ex.BATCH_TENSORS)
+    assert set(sb.MEGASPARK_KEYS) == set(BATCH_TENSORS)
+    assert set(sb.DEEPSPEC_KEYS.values()) == set(BATCH_TENSORS)
     assert sb.DEEPSPEC_KEYS["anchor_positions"] == "anchors"
     assert sb.DEEPSPEC_KEYS["block_keep_mask"] == "keep"
 
@@ -108,8 +109,8 @@ def test_deepspec_batch_loads_to_our_tensors(files):
     assert sb.detect_batch_format(sb.read_batch_file(files["ds"])) == "deepspec"
     for path, fmt in ((files["ds"], "auto"), (files["ds"], "deepspec"), (files["pt"], "auto")):
         got = sb.load_batch(path, fmt)
-        assert set(got) == set(ex.BATCH_TENSORS)
-        for k in ex.BATCH_TENSORS:
+        assert set(got) == set(BATCH_TENSORS)
+        for k in BATCH_TENSORS:
             assert got[k].dtype == ref[k].dtype, (path, k, got[k].dtype)
             assert torch.equal(got[k], ref[k]), (path, k)
     assert torch.equal(ref["anchors"], files["batch"]["anchors"])
@@ -128,7 +129,7 @@ def test_malformed_batches_are_refused_clearly(files):
     assert "neither format" in msg and "sample_anchor_positions" in msg
     assert "megaspark lacks ['anchors', 'keep']" in msg
     assert "deepspec lacks ['anchor_positions', 'block_keep_mask']" in msg
-    for key in (*ex.BATCH_TENSORS, "anchor_positions", "block_keep_mask"):
+    for key in (*BATCH_TENSORS, "anchor_positions", "block_keep_mask"):
         assert key in msg.split("Expected keys:")[1], key
     with pytest.raises(sb.BatchFormatError, match="keys of both formats"):
         sb.normalize_batch({**theirs, "anchors": theirs["anchor_positions"], "keep": theirs["block_keep_mask"]})

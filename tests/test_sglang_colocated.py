@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.sglang_marks import needs_sglang
-from tests.test_pretrain import _ok, base_flags, data_dir, losses, run  # noqa: F401 (fixture)
+from tests.launcher import base_flags, losses, ok, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def test_training_through_sglang_matches_hf(tmp_path, tiny_llama_dir, data_dir, 
                                      "--global-batch-size", "4", "--train-iters", "5",
                                      "--pad-to-multiple", "16", *flags, "--log-jsonl", str(log)),
                 timeout=600)
-        _ok(r)
+        ok(r)
         got[name] = losses(log)
         built = sorted(l for l in r.stdout.splitlines() if "target" in l and "built on" in l)
         kind = "HFTargetProvider" if name == "hf" else "SGLangColocatedProvider"
@@ -141,20 +141,20 @@ def test_stand_ins_import_but_refuse_calls(tmp_path):
 def test_target_whose_heads_do_not_split_runs_on_tp_rank_0(tmp_path):
     """A 6-head target at TP 4 (SmolLM2 has 9 heads): the default target TP falls back to 1
     with a message; asking for it explicitly is refused before any weights are loaded."""
-    from tests.test_pretrain import _chat_file
+    from tests.launcher import chat_file
     from tests.tiny_models import make_tiny_target
 
     target = make_tiny_target(tmp_path / "t", family="llama", hidden=48, heads=6, kv_heads=2)
     data = tmp_path / "data"
     subprocess.run([sys.executable, str(REPO / "tools/prepare_data.py"), "--input",
-                    str(_chat_file(tmp_path / "c.jsonl")), "--target-model", target, "--output", str(data),
+                    str(chat_file(tmp_path / "c.jsonl")), "--target-model", target, "--output", str(data),
                     "--max-length", "64", "--valid-fraction", "0.15", "--min-supervised-tokens", "4",
                     "--quiet"], check=True, capture_output=True, text=True)
     flags = base_flags(target, str(data), "--tensor-model-parallel-size", "4", "--global-batch-size", "2",
                        "--micro-batch-size", "1", "--train-iters", "1", "--target-backend", "sglang",
                        "--num-attention-heads", "4", "--num-query-groups", "4")
     r = run(4, *flags)
-    _ok(r)
+    ok(r)
     assert "attention heads do not split over TP 4: SGLang runs it whole on TP rank 0" in r.stdout
     built = [l for l in r.stdout.splitlines() if "built on" in l]
     assert built == ["rank 0: target SGLangColocatedProvider built on cpu in torch.float32"], built

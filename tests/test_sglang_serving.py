@@ -22,7 +22,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from megaspark.config import DSparkConfig
-from megaspark.export import hf as ex
+from megaspark.export.files import export_hf
 from tests import dspark_cases as dc
 from tests import reference
 from tests.sglang_marks import needs_sglang
@@ -48,7 +48,7 @@ def served_export(out: Path, head: str, confidence: bool = True, seed: int = 3, 
     d = DSparkConfig(**fields).validate()
     w = reference.random_weights(dc.reference_cfg(d), seed, L=len(d.target_layer_ids))
     w = {k: (1 + 5 * (v - 1)) if "norm" in k else 10 * v for k, v in w.items()}
-    ex.export_hf(w, d, fake_target_config(d), out, layout="deepspec", target_name="fake")
+    export_hf(w, d, fake_target_config(d), out, layout="deepspec", target_name="fake")
     return d
 
 

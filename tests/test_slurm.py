@@ -234,10 +234,10 @@ def test_qwen3_8b_recipe_flags_exist_and_match_the_reference(tmp_path):
 
     from megaspark.arguments import build_parser
 
-    from megaspark import algorithms
+    from megaspark.arguments import resolve_algorithm
 
     a = build_parser().parse_args(argv[4:])  # every flag exists (validation needs a GPU: not run)
-    assert algorithms.resolve(a).name == "dspark"  # the preset fills what the recipe leaves unset
+    assert resolve_algorithm(a).name == "dspark"  # the preset fills what the recipe leaves unset
     assert a.block_size == 7 and a.num_layers == 5 and a.slot_convention == "S"
     assert a.target_layer_ids == [1, 9, 17, 25, 33] and a.mask_token_id == 151669
     assert a.num_anchors == 512 and a.markov_rank == 256 and a.markov_head_type == "vanilla"

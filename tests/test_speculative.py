@@ -473,9 +473,9 @@ def _teacher_forcing():
 
 def _export_random_draft(llama_dir, out_dir):
     try:
-        from megaspark.export.hf import export_hf
+        from megaspark.export.files import export_hf
     except ImportError as e:  # the export module is not there yet
-        return f"megaspark.export.hf unavailable: {e}"
+        return f"megaspark.export.files unavailable: {e}"
     from megaspark.models.dspark.state_dict_adapter import hf_state_dict
 
     target, _ = _load_hf(llama_dir)

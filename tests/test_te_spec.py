@@ -164,7 +164,7 @@ def test_te_is_the_default_where_it_runs(simulated_te):
 def test_te_spec_slots(simulated_te, qk_norm):
     from megatron.core.transformer.mlp import MLP
 
-    from megaspark.models.dspark.layer import HeadRMSNorm, RMSNorm
+    from megaspark.models.dspark.norms import HeadRMSNorm, RMSNorm
 
     for spec in (te_spec.select_layer_spec("transformer_engine", qk_norm),
                  te_spec.select_layer_spec(None, qk_norm),
@@ -203,7 +203,7 @@ def test_fakes_have_the_installed_te_signatures(name):
 
 # ----------------------------------------------------------------------------- FP8 flags
 def _parse(argv, bf16=False):
-    from megaspark.fp8 import add_fp8_arguments
+    from megaspark.arguments import add_fp8_arguments
 
     p = argparse.ArgumentParser()
     p.add_argument("--bf16", action="store_true")
@@ -212,7 +212,7 @@ def _parse(argv, bf16=False):
 
 
 def _validate(argv, bf16=False):
-    from megaspark.fp8 import validate_fp8_args
+    from megaspark.arguments.validation import validate_fp8_args
 
     args = _parse(argv, bf16)
     validate_fp8_args(args)
@@ -305,21 +305,23 @@ def test_fp8_accepted_where_te_runs(simulated_te):
 
 # ----------------------------------------------------------------------------- translation
 def test_config_kwargs_without_fp8():
-    from megaspark.fp8 import fp8_transformer_config_kwargs
+    from megaspark.arguments.configs import fp8_settings
+    from megaspark.fp8 import Fp8Settings, fp8_transformer_config_kwargs
 
-    assert fp8_transformer_config_kwargs(_validate([])) == {"transformer_impl": "local"}
-    assert fp8_transformer_config_kwargs(argparse.Namespace()) == {"transformer_impl": "local"}
+    assert fp8_transformer_config_kwargs(fp8_settings(_validate([]))) == {"transformer_impl": "local"}
+    assert fp8_transformer_config_kwargs(Fp8Settings()) == {"transformer_impl": "local"}
 
 
 def test_config_kwargs_with_fp8(simulated_te):
+    from megaspark.arguments.configs import fp8_settings
     from megaspark.fp8 import fp8_transformer_config_kwargs
 
     args = _validate(["--fp8-format", "hybrid", "--fp8-amax-history-len", "64"], bf16=True)
-    kwargs = fp8_transformer_config_kwargs(args)
+    kwargs = fp8_transformer_config_kwargs(fp8_settings(args))
     assert kwargs == dict(transformer_impl="transformer_engine", fp8="hybrid", fp8_recipe="delayed",
                           fp8_margin=0, fp8_amax_history_len=64, fp8_amax_compute_algo="max")
-    # unvalidated namespaces get the documented defaults
-    raw = argparse.Namespace(fp8_format="e4m3", transformer_impl="transformer_engine")
+    # unset tuning flags get the documented defaults
+    raw = fp8_settings(argparse.Namespace(fp8_format="e4m3", transformer_impl="transformer_engine"))
     assert fp8_transformer_config_kwargs(raw) == dict(
         transformer_impl="transformer_engine", fp8="e4m3", fp8_recipe="delayed", fp8_margin=0,
         fp8_amax_history_len=1024, fp8_amax_compute_algo="max")
@@ -379,8 +381,7 @@ def test_wired_into_the_pretrain_parser():
 
     p = build_parser()
     flags = {s for a in p._actions for s in a.option_strings}
-    if "--transformer-impl" not in flags:
-        pytest.skip("megaspark.fp8.add_fp8_arguments is not wired into arguments.py yet")
+    assert {"--transformer-impl", "--fp8-format", "--fp8-margin"} <= flags
     args = p.parse_args([])
     assert args.transformer_impl is None and args.fp8_amax_history_len is None
 

@@ -8,7 +8,7 @@ backward, clip and step the optimizer. It is run here through the same public co
 megatron-core DDP (``wrap_ddp``), megatron's optimizer and LR schedule
 (``megaspark.training.trainer.build_optimizer``, inside ``Trainer``) and
 ``Trainer.train_step()`` with ``pretrain_dspark.forward_step``: single process, TP = PP =
-DP = 1, a one-rank gloo group (``megaspark.export.hf.init_single_process_group``). Flags are
+DP = 1, a one-rank gloo group (``megaspark.parallel.init_single_process_group``). Flags are
 parsed by ``megaspark.arguments.parse_args`` and the draft's config derived from a target
 config by ``megaspark.training.pretrain.draft_config``, exactly as a run does; so whatever
 the trainer, batches and losses do today is what is measured.
@@ -109,7 +109,7 @@ DeepSpec's DSpark from that source: its own draft config (``build_draft_config``
 ``Qwen3DSparkModel``, its ``compute_dspark_loss`` and its ``BF16Optimizer`` (AdamW on fp32
 master copies + warm-up/cosine LR, what its trainer uses in every precision) after
 ``clip_grad_norm_`` (its trainer's ``max_grad_norm`` = 1.0). It loads megaspark's initial
-weights (``hf_state_dict``: the DeepSpec tensor names, see ``megaspark/export/hf.py``) and
+weights (``hf_state_dict``: the DeepSpec tensor names, see ``megaspark/export/tensors.py``) and
 trains its own copy from there. Adjustments, all in this process only:
 
 * anchors: DeepSpec samples them inside ``forward`` (``sample_anchor_positions`` of
@@ -379,6 +379,7 @@ class MegasparkSide:
         import pretrain_dspark
         from megaspark import platform
         from megaspark.arguments import parse_args
+        from megaspark.arguments.configs import run_config
         from megaspark.training.pretrain import build_model_chunks, draft_config
         from megaspark.training.trainer import Trainer, wrap_ddp
 
@@ -404,7 +405,8 @@ class MegasparkSide:
         self.args.target_dtype_resolved = platform.target_dtype(self.args.target_dtype, self.args.bf16,
                                                                 platform.compute_device())
         torch.manual_seed(args.seed)
-        chunks, tcfg = build_model_chunks(self.args, dcfg, pretrain_dspark.model_provider)
+        run = run_config(self.args)
+        chunks, tcfg = build_model_chunks(run, dcfg, pretrain_dspark.model_provider)
         self.model = chunks[0]
         g = torch.Generator().manual_seed(args.seed + 7)
         H, V = dcfg.hidden_size, dcfg.vocab_size
@@ -414,8 +416,8 @@ class MegasparkSide:
         self.dataset = BenchDataset(b, cfg["seq"], V, args.seed + 1)
         self.target = random_feature_target(dcfg, self.dataset, self.args.target_dtype_resolved,
                                             args.seed + 2)
-        ddp_chunks = wrap_ddp(chunks, tcfg, self.args)
-        self.trainer = Trainer(self.args, chunks, ddp_chunks, tcfg, dcfg, self.target, self.dataset,
+        ddp_chunks = wrap_ddp(chunks, tcfg, run.parallel.use_distributed_optimizer)
+        self.trainer = Trainer(run, chunks, ddp_chunks, tcfg, dcfg, self.target, self.dataset,
                                None, pretrain_dspark.forward_step, pad_id=0)
         self.batch = b
         self.timer = StepTimer()
@@ -861,7 +863,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from megaspark.export.hf import init_single_process_group
+    from megaspark.parallel import init_single_process_group
 
     with contextlib.redirect_stdout(sys.stderr):  # megatron's start-up chatter
         init_single_process_group(seed=args.seed, device="cpu")

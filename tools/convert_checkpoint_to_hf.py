@@ -59,9 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore", module=r"megatron\.")  # deprecation noise of the library
-    from megaspark.export.hf import ExportError, export_checkpoint
+    from megaspark.checkpoint_files import CheckpointError
+    from megaspark.export.loading import export_checkpoint
+    from megaspark.export.tensors import ExportError
     from megaspark.parallel import destroy_distributed
-    from megaspark.training.checkpointing import CheckpointError
 
     from megaspark.export.eagle3 import export_eagle3_checkpoint, is_eagle3_checkpoint
 

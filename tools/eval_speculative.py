@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _draft_metadata(path: str) -> dict:
     """Target name and analytic τ recorded with the draft, if any."""
-    from megaspark.training.checkpointing import read_state, resolve_checkpoint
+    from megaspark.checkpoint_files import read_state, resolve_checkpoint
 
     meta = {"kind": None, "target": None, "best_eval_tau": None}
     cfg_file = os.path.join(path, "config.json")
@@ -203,9 +203,10 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from megaspark.export.hf import init_single_process_group, load_draft
+    from megaspark.export.loading import load_draft
     from megaspark.inference import SpeculativeDecoder, TargetDecoder
     from megaspark.inference.evaluate import evaluate
+    from megaspark.parallel import init_single_process_group
     from megaspark.targets.hf import HFTargetProvider
 
     meta = _draft_metadata(args.draft)

@@ -46,7 +46,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from megaspark.training.checkpointing import verify_checkpoint  # noqa: E402
+from megaspark.checkpoint_files import verify_checkpoint  # noqa: E402
 ALL_CASES = ("sigterm", "budget", "sigkill", "enospc", "truncate", "nan", "hang")
 KILL_POINTS = ("step", "save-shards", "save-state", "save-manifest", "save-rename")
 

@@ -82,6 +82,7 @@ def rank_plans(args, dcfg, hf_config, world_size: int) -> list:
     """[(ranks, plan)] for every distinct rank role: each pipeline stage's TP rank 0 (which runs
     the target on the first stage with ``--target-backend hf``) and its other TP ranks;
     middle stages are reduced to the one needing the most memory."""
+    from megaspark.arguments.configs import plan_settings
     from megaspark.memory_plan import plan_memory
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
@@ -91,7 +92,7 @@ def rank_plans(args, dcfg, hf_config, world_size: int) -> list:
     for pp_rank in range(pp):
         for tp_rank in sorted({0, tp - 1}):
             computes = in_process_target and pp_rank == 0 and tp_rank == 0
-            plan = plan_memory(args, dcfg, hf_config, tp_rank=tp_rank, pp_rank=pp_rank,
+            plan = plan_memory(plan_settings(args), dcfg, hf_config, tp_rank=tp_rank, pp_rank=pp_rank,
                                dp_size=dp, computes_target=computes)
             # global ranks (megatron order: TP fastest, then DP, then PP)
             ranks = [pp_rank * tp * dp + d * tp + t for d in range(dp) for t in range(tp)
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
         except (ArgumentError, ConfigError, MemoryPlanError, OSError, ValueError) as e:
             print(f"memory_plan.py: error: {e}", file=sys.stderr)
             return 2
-        budget = budget_bytes(args)
+        budget = budget_bytes(args.memory_budget_gb)
         failures = []
         for ranks, plan in plans:
             try:

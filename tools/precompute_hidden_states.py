@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress-bar", action="store_true")
     r.add_argument("--quiet", action="store_true", help="only errors")
     try:
-        from megaspark.targets.sglang import add_sglang_arguments
+        from megaspark.arguments import add_sglang_arguments
 
         add_sglang_arguments(p)
     except ImportError:  # pragma: no cover - the sglang adapter is optional here
@@ -243,10 +243,11 @@ def build_target(args, layer_ids, device, max_length=None):
         return SGLangColocatedProvider(args.target_model, layer_ids=layer_ids, device=device,
                                        dtype=dtype, max_tokens=args.batch_size * int(max_length or 4096))
     if args.target_backend == "sglang-server":
-        from megaspark.targets.sglang import SGLangTargetProvider, options_from_args
+        from megaspark.arguments.configs import sglang_options
+        from megaspark.targets.sglang import SGLangTargetProvider
 
         return SGLangTargetProvider(args.target_model, layer_ids=layer_ids,
-                                    options=options_from_args(args), dtype=dtype, device=device)
+                                    options=sglang_options(args), dtype=dtype, device=device)
     from megaspark.targets.hf import HFTargetProvider
 
     return HFTargetProvider(args.target_model, layer_ids=layer_ids, dtype=dtype, device=device)
@@ -452,10 +453,11 @@ def _main(args) -> int:
             raise ToolError("--num-workers > 1 with --target-backend sglang: one SGLang runner "
                             "per process; use --shard-rank to split the work between processes")
     if args.target_backend == "sglang-server" and not args.finalize:
-        from megaspark.targets.sglang import check_sglang_available, options_from_args
+        from megaspark.arguments.configs import sglang_options
+        from megaspark.targets.sglang import check_sglang_available
 
         try:  # fail fast, before any data is read
-            check_sglang_available(need_import=options_from_args(args).url is None)
+            check_sglang_available(need_import=sglang_options(args).url is None)
         except RuntimeError as e:
             raise ToolError(str(e)) from None
         if args.num_workers > 1:

@@ -7,7 +7,7 @@ from :func:`megaspark.blocks.build_blocks` with the draft's own settings, the dr
 forward, :class:`megaspark.losses.LossSums`. So a checkpoint and its HF export must
 print the same numbers.
 
-The batch is a safetensors file (see :func:`megaspark.export.hf.save_batch`) holding
+The batch is a safetensors file (see :func:`megaspark.export.score_batch.save_batch`) holding
 ``input_ids`` and ``loss_mask`` [b, S], ``target_hidden_states`` (the tapped target
 layers, [b, S, L·H]), ``target_last_hidden_states`` [b, S, H], ``anchors`` and ``keep``
 [b, N].
@@ -60,9 +60,9 @@ if str(_REPO) not in sys.path:  # allow `python tools/score_batch.py` from a che
 
 def draft_config(path: str):
     """The DSparkConfig of an HF export or a checkpoint, without building the model."""
+    from megaspark.checkpoint_files import read_state
     from megaspark.config import DSparkConfig
-    from megaspark.export.hf import CONFIG_FILE, read_hf_config
-    from megaspark.training.checkpointing import read_state
+    from megaspark.export.files import CONFIG_FILE, read_hf_config
 
     if os.path.isfile(os.path.join(path, CONFIG_FILE)):
         return read_hf_config(path)[0]
@@ -73,7 +73,7 @@ def draft_config(path: str):
 # Batch formats
 # =======================================================================================
 
-#: our batch tensors (the same as megaspark.export.hf.BATCH_TENSORS)
+#: our batch tensors (the same as megaspark.export.score_batch.BATCH_TENSORS)
 MEGASPARK_KEYS = ("input_ids", "loss_mask", "target_hidden_states", "target_last_hidden_states",
                   "anchors", "keep")
 #: DeepSpec name -> ours (deepspec/data/target_cache_dataset.py CacheCollator;
@@ -305,7 +305,9 @@ def main(argv=None) -> int:
         p.error("give --batch to score or --save-example-batch to write one")
     warnings.filterwarnings("ignore", module=r"megatron\.")
 
-    from megaspark.export.hf import init_single_process_group, load_draft, save_batch
+    from megaspark.export.loading import load_draft
+    from megaspark.export.score_batch import save_batch
+    from megaspark.parallel import init_single_process_group
 
     if args.save_example_batch:
         save_batch(args.save_example_batch, **example_batch(

@@ -1,28 +1,10 @@
-"""HF export / import of DSpark drafts (DSPARK_SPEC.md §9): see :mod:`megaspark.export.hf`."""
+"""HF export / import of drafts (DSPARK_SPEC.md §9).
 
-from megaspark.export.hf import (
-    ExportError,
-    build_hf_config,
-    canonical,
-    config_to_dspark,
-    export_checkpoint,
-    export_hf,
-    hf_tensor_shapes,
-    init_single_process_group,
-    load_batch,
-    load_draft,
-    load_hf_draft_weights,
-    parameter_counts,
-    read_hf,
-    read_hf_config,
-    save_batch,
-    target_embeddings,
-    trainable_parameter_count,
-)
-
-__all__ = [
-    "ExportError", "build_hf_config", "canonical", "config_to_dspark", "export_checkpoint", "export_hf",
-    "hf_tensor_shapes", "init_single_process_group", "load_batch", "load_draft", "load_hf_draft_weights",
-    "parameter_counts", "read_hf", "read_hf_config", "save_batch", "target_embeddings",
-    "trainable_parameter_count",
-]
+:mod:`~megaspark.export.tensors` (which tensors a DSpark draft has, their shapes, import key
+rules), :mod:`~megaspark.export.hf_config` (``config.json`` ↔ DSparkConfig),
+:mod:`~megaspark.export.files` (writing and reading an export directory),
+:mod:`~megaspark.export.loading` (a model from an export or a checkpoint; checkpoint →
+export), :mod:`~megaspark.export.score_batch` (scoring batch files),
+:mod:`~megaspark.export.eagle3` (Eagle3 drafts), :mod:`~megaspark.export.sglang_parity`
+(SGLang against megaspark on one export).
+"""

@@ -31,8 +31,10 @@ from typing import Optional
 
 import torch
 
+from megaspark.checkpoint_files import read_state, resolve_checkpoint
 from megaspark.data.draft_vocab import DraftVocab
-from megaspark.export.hf import CONFIG_FILE, WEIGHTS_FILE, ExportError, _write_atomically
+from megaspark.export.files import CONFIG_FILE, WEIGHTS_FILE, write_atomically
+from megaspark.export.tensors import ExportError
 from megaspark.models.eagle3.model import Eagle3Config, state_dict_map
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -136,7 +138,7 @@ def export_eagle3(tensors: dict, e: Eagle3Config, vocab: DraftVocab, layer_ids, 
             f.write("\n")
         save_file(out, os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
 
-    _write_atomically(str(out_dir), write)
+    write_atomically(str(out_dir), write)
     return config
 
 
@@ -264,7 +266,6 @@ def load_eagle3(path, embedding: torch.Tensor, lm_head: Optional[torch.Tensor] =
     from megatron.core import dist_checkpointing
 
     from megaspark.models.eagle3.model import Eagle3Draft, load_hf_tensors
-    from megaspark.training.checkpointing import read_state, resolve_checkpoint
 
     if os.path.isfile(os.path.join(str(path), CONFIG_FILE)):
         e, layer_ids, vocab, tensors = read_eagle3(path)
@@ -283,8 +284,6 @@ def load_eagle3(path, embedding: torch.Tensor, lm_head: Optional[torch.Tensor] =
 
 
 def is_eagle3_checkpoint(ckpt_dir) -> bool:
-    from megaspark.training.checkpointing import read_state
-
     return "draft_vocab_size" in read_state(str(ckpt_dir)).get("dspark_config", {})
 
 
@@ -294,10 +293,9 @@ def export_eagle3_checkpoint(ckpt_dir, out_dir, include_embeddings: bool = False
     engine-format directory, in this process at TP = 1. Returns a summary dict."""
     from megatron.core import parallel_state
 
-    from megaspark.export.hf import init_single_process_group
+    from megaspark.parallel import init_single_process_group
     from megaspark.targets.builtin import resolve_target
     from megaspark.targets.hf import load_config_offline
-    from megaspark.training.checkpointing import read_state, resolve_checkpoint
 
     ckpt = resolve_checkpoint(str(ckpt_dir))
     saved = read_state(ckpt)

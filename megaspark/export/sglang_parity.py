@@ -2,7 +2,7 @@
 
 :func:`compare_with_sglang` builds the export twice in one process: SGLang's own DSpark
 draft class with SGLang's own weight loader (:class:`megaspark.targets.sglang_runtime.
-SGLangDraft`), and megaspark's model through :func:`megaspark.export.hf.load_draft`. It
+SGLangDraft`), and megaspark's model through :func:`megaspark.export.loading.load_draft`. It
 checks SGLang's loading parameter by parameter, then drafts the same blocks with both:
 seeded context features of several lengths, one anchor each, greedy. SGLang's corrected
 step logits, drafted tokens and confidences must equal megaspark's inference forward
@@ -44,7 +44,8 @@ def compare_with_sglang(path: str, context_lengths: Sequence[int] = (1, 5, 9), s
     without a confidence head), ``tokens`` (megaspark's) and ``sglang_tokens``. A
     difference above :data:`TOLERANCE` or a different token is a problem. One call per
     process (SGLang's runtime is initialized once)."""
-    from megaspark.export.hf import init_single_process_group, load_draft
+    from megaspark.export.loading import load_draft
+    from megaspark.parallel import init_single_process_group
     from megaspark.targets.sglang_runtime import SGLangDraft
 
     init_single_process_group(device="cpu")

@@ -1,4 +1,4 @@
-"""The target-provider interface and the target-layer-id rules.
+"""The target-provider interface (the layer-id rules are :mod:`megaspark.layer_ids`).
 
 A *target provider* runs the frozen target model on a micro-batch of token ids and
 returns what the draft trains on (DESIGN.md §3, DSPARK_SPEC.md §1.1–1.2):
@@ -17,9 +17,11 @@ import abc
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from torch import Tensor
+
+from megaspark.layer_ids import default_target_layer_ids, validate_target_layer_ids
 
 # Config keys that do not change what the target computes (paths, bookkeeping,
 # runtime choices): left out of the fingerprint so that it is stable across machines.
@@ -42,6 +44,26 @@ def resolve_layer_ids(layer_ids: Optional[Sequence[int]], num_target_layers: int
     return validate_target_layer_ids(list(layer_ids), N)
 
 
+@dataclass(frozen=True)
+class TargetSpec:
+    """The target of a run as the providers need it, resolved once at start-up from the flags
+    (:func:`megaspark.arguments.configs.target_spec`)."""
+
+    model: str                              # --target-model: "builtin:…" or an HF directory
+    path: str                               # its HF directory (a built-in one converted)
+    layer_ids: tuple                        # the tapped layers (resolved)
+    dtype: Any                              # torch dtype the target runs in and hands over
+    backend: str = "hf"                     # hf | sglang | sglang-server | offline
+    tensor_parallel_size: int = 1           # a co-located SGLang target's TP (resolved)
+    context_length: int = 512               # --seq-length
+    micro_batch_size: int = 1               # one prefill holds micro_batch_size x context_length tokens
+    seed: int = 42
+    hidden_states_dir: Optional[str] = None  # offline: the cache
+    data_path: Optional[str] = None          # offline: the dataset the cache was written for
+    mem_fraction_static: Optional[float] = None  # SGLang's weights + KV share (None: planned)
+    server: Any = None                       # sglang-server: its SGLangOptions
+
+
 class TargetError(RuntimeError):
     """The target could not be built (on this rank or on the rank that runs it)."""
 
@@ -52,74 +74,6 @@ class TargetOutput:
 
     aux_hidden_states: Tensor   # [b, S, L*H]
     last_hidden_states: Tensor  # [b, S, H], post final norm (unless the provider says otherwise)
-
-
-def default_target_layer_ids(num_target_layers: int, n: int) -> list[int]:
-    """DFlash default taps (DSPARK_SPEC.md §1.2) for a target with ``num_target_layers`` layers.
-
-    ``n == 1`` gives ``[N // 2]``; otherwise ``round(1 + i * (N - 4) / (n - 1))`` for
-    ``i = 0 … n-1`` (Python ``round``, ties to even), i.e. evenly spaced from layer 1 to
-    layer ``N - 3``. Example: ``(36, 5) -> [1, 9, 17, 25, 33]``.
-
-    Raises ``ValueError`` when the rule cannot give ``n`` distinct valid ids (a shallow
-    target asked for too many taps: at most ``N - 3`` for ``n >= 2``).
-    """
-    N = int(num_target_layers)
-    if n < 1:
-        raise ValueError(f"number of target layers to tap must be >= 1, got {n}")
-    if N < 1:
-        raise ValueError(f"target must have at least one decoder layer, got {N}")
-    if n == 1:
-        ids = [N // 2]
-    else:
-        ids = [round(1 + i * (N - 4) / (n - 1)) for i in range(n)]
-    try:
-        validate_target_layer_ids(ids, N)
-    except ValueError as e:
-        max_taps = max(N - 3, 1)
-        raise ValueError(
-            f"the default layer-id rule gives {ids} for a {N}-layer target and {n} taps, "
-            f"which is not a valid selection ({e}). Ask for at most {max_taps} taps or pass "
-            f"explicit layer ids."
-        ) from None
-    return ids
-
-
-def validate_target_layer_ids(ids: Sequence[int], num_target_layers: int) -> list[int]:
-    """Check a layer-id list (DESIGN.md decision 2); return it as a list of ints.
-
-    Valid ids are non-empty, strictly increasing, each in ``[0, N - 2]``.
-    """
-    N = int(num_target_layers)
-    ids = list(ids)
-    if not ids:
-        raise ValueError("target layer ids must be a non-empty list")
-    for k in ids:
-        if isinstance(k, bool) or not isinstance(k, int):
-            raise ValueError(f"target layer ids must be integers, got {ids!r}")
-    if any(b <= a for a, b in zip(ids, ids[1:])):
-        raise ValueError(f"target layer ids must be strictly increasing, got {ids}")
-    for k in ids:
-        if k == -1:
-            raise ValueError(
-                f"target layer id -1 (the embedding output) is not supported in {ids}: serving "
-                f"engines capture aux hidden states at decoder-layer outputs only, so a draft "
-                f"trained on the embedding output could not be served"
-            )
-        if k == N - 1:
-            raise ValueError(
-                f"target layer id {k} is the last decoder layer of this {N}-layer target: its raw "
-                f"output is not exposed (HF's last hidden state and serving engines' last state "
-                f"are post-final-norm), so training on it would silently mismatch serving. "
-                f"Valid ids are 0..{N - 2}"
-            )
-        if not 0 <= k <= N - 2:
-            raise ValueError(
-                f"target layer id {k} is out of range for a {N}-layer target: valid ids are "
-                f"0..{N - 2} (id k = output of decoder layer k = HF hidden_states[k+1]; the "
-                f"embedding (-1) and the last layer ({N - 1}) cannot be captured by serving engines)"
-            )
-    return ids
 
 
 def config_fingerprint(config_dict: dict, layer_ids: Sequence[int], extra: Optional[dict] = None) -> str:

@@ -612,12 +612,10 @@ class OfflineTargetProvider(TargetProvider):
                 f"{ {s: r['num_samples'] for s, r in m['splits'].items()} })")
 
 
-def build_offline_target(args, device="cpu", dtype: torch.dtype = torch.float32) -> OfflineTargetProvider:
-    """What ``megaspark/training/pretrain.py::load_target`` calls for
-    ``--target-backend offline``: features returned on ``device`` in ``dtype``."""
-    return OfflineTargetProvider(args.hidden_states_dir, args.target_model,
-                                 layer_ids=getattr(args, "target_layer_ids_resolved", None),
-                                 dataset_dir=args.data_path, device=device, dtype=dtype)
+def build_offline_target(spec, device="cpu") -> OfflineTargetProvider:
+    """What start-up calls for ``--target-backend offline`` (a :class:`~.base.TargetSpec`)."""
+    return OfflineTargetProvider(spec.hidden_states_dir, spec.path, layer_ids=list(spec.layer_ids),
+                                 dataset_dir=spec.data_path, device=device, dtype=spec.dtype)
 
 
 __all__ = [

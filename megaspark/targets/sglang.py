@@ -69,16 +69,14 @@ Prefix (radix) caching and chunked prefill are disabled in the engine kwargs: a 
 prefix or an uncommitted middle chunk would return fewer hidden-state rows than tokens
 (the response parser refuses such a response rather than misalign it).
 
-Nothing here has run against a real SGLang engine (no GPU where this was written): the
-request/response translation, the layer-id mapping, the capture plan and the local tail
-are unit-tested on CPU with a fake engine that answers from an HF model
-(``tests/test_sglang_adapter.py``); the live path needs a GPU check.
+The request/response translation, the layer-id mapping, the capture plan and the local
+tail are unit-tested on the CPU with a fake engine that answers from an HF model
+(``tests/test_sglang.py``); what has run against real SGLang is in docs/STATUS.md.
 """
 from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 import urllib.error
 import urllib.request
@@ -339,8 +337,8 @@ def pad_batch(rows: Sequence[Tensor], seq_len: int) -> Tensor:
 
 @dataclass
 class SGLangOptions:
-    """Settings of the co-located engine (proposed flags ``--sglang-*``, see
-    :func:`add_sglang_arguments`)."""
+    """Settings of the SGLang engine or server (flags ``--sglang-*``, built by
+    :func:`megaspark.arguments.configs.sglang_options`)."""
 
     url: Optional[str] = None                 # a running server ("http://127.0.0.1:30000"); None: in-process
     tp_size: int = 1                          # the engine's own tensor parallelism
@@ -377,42 +375,9 @@ class SGLangOptions:
             raise ValueError(f"device must be 'cuda' or 'cpu', got {self.device!r}")
 
 
-#: Environment fallbacks, so a launcher can configure the provider before the proposed
-#: flags exist in megaspark/arguments.py.
+#: Environment fallbacks for the server URLs (what the Slurm launcher sets)
 ENV_URL = "MEGASPARK_SGLANG_URL"
 ENV_LAST_HIDDEN_URL = "MEGASPARK_SGLANG_LAST_HIDDEN_URL"
-
-
-def options_from_args(args, env: Optional[Mapping[str, str]] = None) -> SGLangOptions:
-    """megaspark flags -> :class:`SGLangOptions`.
-
-    Existing flags used: ``--seq-length`` (the engine's context length) and ``--seed``
-    (its random seed). The proposed ``--sglang-*`` flags (:func:`add_sglang_arguments`)
-    are read when the parser has them, defaults otherwise; the server URLs can also come
-    from ``MEGASPARK_SGLANG_URL`` / ``MEGASPARK_SGLANG_LAST_HIDDEN_URL`` (what the Slurm
-    launcher sets).
-    """
-    env = os.environ if env is None else env
-
-    def get(name, default):
-        value = getattr(args, name, None)
-        return default if value is None else value
-
-    o = SGLangOptions(
-        url=get("sglang_url", None) or env.get(ENV_URL) or None,
-        tp_size=int(get("sglang_tp_size", 1)),
-        dp_size=int(get("sglang_dp_size", 1)),
-        base_gpu_id=get("sglang_base_gpu_id", None),
-        mem_fraction_static=float(get("sglang_mem_fraction_static", 0.35)),
-        dtype=str(get("sglang_dtype", "bfloat16")),
-        context_length=get("sglang_context_length", None) or get("seq_length", None),
-        max_tokens_per_request=int(get("sglang_max_tokens_per_request", 65536)),
-        last_hidden=str(get("sglang_last_hidden", "tail")),
-        last_hidden_url=get("sglang_last_hidden_url", None) or env.get(ENV_LAST_HIDDEN_URL) or None,
-        random_seed=int(get("seed", 42)),
-    )
-    o.validate()
-    return o
 
 
 def engine_kwargs(options: SGLangOptions, model_path: str, plan: Optional[CapturePlan],
@@ -476,27 +441,6 @@ def server_argv(kwargs: Mapping[str, Any], host: str = "127.0.0.1", port: int = 
         elif v is not None:
             argv.extend([flag, str(v)])
     return argv
-
-
-def add_sglang_arguments(parser) -> None:
-    """The provider's flags, added to ``pretrain_dspark.py``'s parser by
-    ``megaspark/arguments.py`` (:func:`options_from_args` falls back to the defaults when
-    a caller's namespace lacks them)."""
-    g = parser.add_argument_group("SGLang target (--target-backend sglang-server; "
-                                  "--sglang-mem-fraction-static also for sglang)")
-    g.add_argument("--sglang-url", default=None,
-                   help="a running per-node SGLang server; default: start an in-process engine")
-    g.add_argument("--sglang-tp-size", type=int, default=1, help="the engine's tensor parallelism")
-    g.add_argument("--sglang-dp-size", type=int, default=1, help="engine replicas (server mode)")
-    g.add_argument("--sglang-base-gpu-id", type=int, default=None)
-    g.add_argument("--sglang-mem-fraction-static", type=float, default=None,
-                   help="GPU memory share of SGLang's weights + KV pool (default: with "
-                   "--target-backend sglang, the target's shard and one micro-batch of KV from "
-                   "the memory plan; 0.35 for a server)")
-    g.add_argument("--sglang-last-hidden", default="tail", choices=["tail", "engine"],
-                   help="post-norm last state: run the last layer locally, or a second stock engine")
-    g.add_argument("--sglang-last-hidden-url", default=None)
-    g.add_argument("--sglang-max-tokens-per-request", type=int, default=65536)
 
 
 # ---------------------------------------------------------------------------------------
@@ -796,11 +740,11 @@ class SGLangTargetProvider(CheckpointWeights, TargetProvider):
                 f"last_hidden={self.options.last_hidden}, engine={where})")
 
 
-def build_sglang_target(args, device=None, dtype: torch.dtype = torch.bfloat16) -> SGLangTargetProvider:
-    """What ``megaspark/training/pretrain.py::load_target`` calls for
-    ``--target-backend sglang``: features returned on ``device`` in ``dtype``."""
-    return SGLangTargetProvider(args.target_model, layer_ids=getattr(args, "target_layer_ids_resolved", None),
-                                options=options_from_args(args), device=device, dtype=dtype)
+def build_sglang_target(spec, device=None) -> SGLangTargetProvider:
+    """What start-up calls for ``--target-backend sglang-server`` (a :class:`~.base.TargetSpec`
+    whose ``server`` holds the :class:`SGLangOptions`)."""
+    return SGLangTargetProvider(spec.path, layer_ids=list(spec.layer_ids), options=spec.server,
+                                device=device, dtype=spec.dtype)
 
 
 __all__ = [
@@ -808,6 +752,6 @@ __all__ = [
     "to_sglang_layer_ids", "from_sglang_layer_ids", "to_sglang_capture_indices",
     "from_sglang_capture_indices", "plan_capture", "split_capture", "strip_padding",
     "group_requests", "build_generate_request", "parse_hidden_states", "parse_generate_response",
-    "pad_batch", "options_from_args", "engine_kwargs", "server_argv", "add_sglang_arguments",
+    "pad_batch", "engine_kwargs", "server_argv",
     "check_sglang_available", "check_server_info", "build_sglang_target",
 ]

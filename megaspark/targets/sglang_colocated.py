@@ -125,18 +125,18 @@ def memory_fraction(hf_config, dtype_bytes: int, max_tokens: int, target_tp: int
     return round(frac, 4)
 
 
-def build_colocated_target(args, device, dtype: torch.dtype) -> SGLangColocatedProvider:
-    """What ``pretrain.load_target`` calls for ``--target-backend sglang``: one prefill per
-    micro-batch (``--micro-batch-size x --seq-length`` tokens of KV pool); with a
+def build_colocated_target(spec, device) -> SGLangColocatedProvider:
+    """What start-up calls for ``--target-backend sglang`` (a :class:`~.base.TargetSpec`): one
+    prefill per micro-batch (``micro_batch_size x context_length`` tokens of KV pool); with a
     tensor-parallel target, sharded over this rank's tensor-parallel group."""
-    from .builtin import resolve_target
     from .hf import load_config_offline
 
     tp_ranks = None
-    ttp = int(getattr(args, "target_tp_resolved", 1))
-    cfg = load_config_offline(resolve_target(args.target_model)).get_text_config()
-    max_tokens = int(args.micro_batch_size) * int(args.seq_length)
-    fraction = getattr(args, "sglang_mem_fraction_static", None)
+    ttp = int(spec.tensor_parallel_size)
+    dtype = spec.dtype
+    cfg = load_config_offline(spec.path).get_text_config()
+    max_tokens = int(spec.micro_batch_size) * int(spec.context_length)
+    fraction = spec.mem_fraction_static
     if fraction is None:
         device = torch.device(device)
         total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
@@ -152,9 +152,9 @@ def build_colocated_target(args, device, dtype: torch.dtype) -> SGLangColocatedP
         tp_ranks = torch.distributed.get_process_group_ranks(
             parallel_state.get_tensor_model_parallel_group())
     return SGLangColocatedProvider(
-        args.target_model, layer_ids=args.target_layer_ids_resolved, device=device, dtype=dtype,
+        spec.path, layer_ids=list(spec.layer_ids), device=device, dtype=dtype,
         max_tokens=max_tokens, mem_fraction_static=float(fraction),
-        context_length=int(args.seq_length), seed=int(getattr(args, "seed", 42)), tp_ranks=tp_ranks)
+        context_length=int(spec.context_length), seed=int(spec.seed), tp_ranks=tp_ranks)
 
 
 __all__ = ["SGLangColocatedProvider", "build_colocated_target", "memory_fraction"]

@@ -22,24 +22,22 @@ never deletes the ones ``latest`` or ``best`` point to.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 from typing import Optional
 
 import torch
 
-from megaspark.fileio import atomic_write_text, file_sha256
+from megaspark.checkpoint_files import (
+    ITER_RE,
+    STATE_FILE,
+    CheckpointError,
+    find_resumable,
+    resolve_checkpoint,
+    write_manifest,
+)
+from megaspark.fileio import atomic_write_text
 from megaspark.training.resilience import fault
-
-STATE_FILE = "megaspark_state.pt"
-MANIFEST_FILE = "checksums.json"
-_ITER_RE = re.compile(r"^iter_(\d{7})$")
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def prestart_checkpoint_writer() -> None:
@@ -78,114 +76,13 @@ def _barrier():
         torch.distributed.barrier()
 
 
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint directory, or a --save directory holding a ``latest`` pointer."""
-    pointer = os.path.join(path, "latest")
-    if os.path.isfile(pointer):
-        with open(pointer) as f:
-            name = f.read().strip()
-        path = os.path.join(path, name)
-    if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        raise CheckpointError(f"--load {path}: no complete megaspark checkpoint found there")
-    return path
-
-
-def _checkpoint_files(path: str) -> list:
-    out = []
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            rel = os.path.relpath(os.path.join(dirpath, f), path)
-            if rel != MANIFEST_FILE:
-                out.append(rel)
-    return sorted(out)
-
-
-def write_manifest(path: str) -> None:
-    """``checksums.json``: the size and sha256 of every file of the checkpoint at ``path``."""
-    files = {rel: {"bytes": os.path.getsize(os.path.join(path, rel)),
-                   "sha256": file_sha256(os.path.join(path, rel))} for rel in _checkpoint_files(path)}
-    atomic_write_text(os.path.join(path, MANIFEST_FILE), json.dumps({"files": files}, indent=1))
-
-
-def verify_checkpoint(path: str, checksums: bool = True) -> Optional[str]:
-    """What is wrong with the checkpoint at ``path`` (None when intact): its state file or
-    manifest missing, a file of the manifest missing, of another size or (``checksums``)
-    another sha256. A checkpoint written before manifests existed is checked for its state
-    file only."""
-    if not os.path.isfile(os.path.join(path, STATE_FILE)):
-        return f"no {STATE_FILE} (incomplete)"
-    manifest = os.path.join(path, MANIFEST_FILE)
-    if not os.path.isfile(manifest):
-        return f"no {MANIFEST_FILE} (incomplete)" if _has_manifest_flag(path) else None
-    try:
-        with open(manifest) as f:
-            files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError) as e:
-        return f"{MANIFEST_FILE} unreadable ({e})"
-    for rel, rec in files.items():
-        full = os.path.join(path, rel)
-        if not os.path.isfile(full):
-            return f"file {rel} missing"
-        size = os.path.getsize(full)
-        if size != rec["bytes"]:
-            return f"file {rel} has {size} bytes, {rec['bytes']} were written (truncated or changed)"
-        if checksums and file_sha256(full) != rec["sha256"]:
-            return f"file {rel} fails its sha256 checksum (corrupted)"
-    return None
-
-
-def _has_manifest_flag(path: str) -> bool:
-    """Was this checkpoint written with a manifest? (False: before manifests existed)"""
-    try:
-        state = torch.load(os.path.join(path, STATE_FILE), weights_only=False, map_location="cpu")
-    except Exception:  # noqa: BLE001 - an unreadable state file: the manifest would say more
-        return True
-    return bool(state.get("has_manifest", False))
-
-
-def checkpoint_names(root: str) -> list:
-    """Complete checkpoint directories (``iter_N``, not ``iter_N.tmp``) under a --save
-    directory, newest first."""
-    if not os.path.isdir(root):
-        return []
-    return sorted((n for n in os.listdir(root) if _ITER_RE.match(n)), reverse=True)
-
-
-def find_resumable(root: str, checksums: bool = True) -> tuple:
-    """``(path of the newest intact checkpoint under root or None, [problems of newer
-    ones])``: the one ``latest`` names, else (damaged) the next older ones. A ``root`` that
-    is itself a checkpoint directory must be intact."""
-    if os.path.isfile(os.path.join(root, STATE_FILE)) or _ITER_RE.match(os.path.basename(os.path.normpath(root))):
-        problem = verify_checkpoint(root, checksums)
-        if problem:
-            raise CheckpointError(f"--load {root}: {problem}; use its --save directory to fall "
-                                  "back to an earlier checkpoint")
-        return root, []
-    problems = []
-    names = checkpoint_names(root)
-    pointer = os.path.join(root, "latest")
-    if os.path.isfile(pointer):  # what `latest` names first (a manual rollback is honoured)
-        with open(pointer) as f:
-            latest = f.read().strip()
-        if latest in names:
-            names = [latest] + [n for n in names if n < latest]
-    for name in names:
-        path = os.path.join(root, name)
-        problem = verify_checkpoint(path, checksums)
-        if problem is None:
-            return path, problems
-        problems.append(f"{path}: {problem}")
-    return None, problems
-
-
-def choose_resume(args) -> Optional[str]:
+def choose_resume(config) -> Optional[str]:
     """The checkpoint this run resumes from, decided on rank 0 and shared with every rank:
     ``--load`` (a checkpoint, or a --save directory: its newest intact checkpoint), else,
     unless ``--no-auto-resume``, the newest intact checkpoint in ``--save``. Corrupt or
     incomplete newer checkpoints are reported; a ``--load`` with nothing intact is an
     error."""
-    load, save = getattr(args, "load", None), getattr(args, "save", None)
-    auto = getattr(args, "auto_resume", True)
+    load, save, auto = config.load, config.save, config.auto_resume
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     result = [None, [], None, None]  # path, problems, error, note
     if rank0:
@@ -226,10 +123,6 @@ def choose_resume(args) -> Optional[str]:
         print(f"megaspark: {how}: resuming from {path}"
               + (" (the newest intact checkpoint)" if problems else ""), flush=True)
     return path
-
-
-def read_state(path: str) -> dict:
-    return torch.load(os.path.join(resolve_checkpoint(path), STATE_FILE), weights_only=False)
 
 
 def _torch_optimizers(optimizer):
@@ -285,8 +178,13 @@ def _unshare_adam_steps(optimizer) -> None:
 
 
 class Checkpointer:
-    def __init__(self, args, dcfg, target_fingerprint: str):
-        self.args = args
+    """Saves, rotates and checks the checkpoints of a run (a :class:`RunConfig`: its
+    ``checkpoint`` and ``parallel`` sections). ``flags``: the run's validated flags as a dict,
+    recorded in every checkpoint (``state["args"]``; exports read the target from it)."""
+
+    def __init__(self, cfg, dcfg, target_fingerprint: str, flags: Optional[dict] = None):
+        self.cfg = cfg
+        self.flags = dict(flags or {})
         self.dcfg = dcfg
         self.target_fingerprint = target_fingerprint
         self._best_pending: Optional[int] = None
@@ -312,7 +210,7 @@ class Checkpointer:
     def save(self, trainer) -> str:
         from megatron.core import dist_checkpointing
 
-        root = self.args.save
+        root = self.cfg.checkpoint.save
         rank = torch.distributed.get_rank()
         it = trainer.state.iteration
         name = f"iter_{it:07d}"
@@ -364,14 +262,14 @@ class Checkpointer:
             "history": list(trainer.state.history),
             "skipped_nonfinite": trainer.state.skipped_nonfinite,
             "scheduler": trainer.scheduler.state_dict(),
-            "args": vars(self.args),
+            "args": self.flags,
             "dspark_config": self.dcfg.to_dict(),
             "target_fingerprint": self.target_fingerprint,
             "has_manifest": True,
             "parallel_layout": {
-                "tp": self.args.tensor_model_parallel_size,
-                "pp": self.args.pipeline_model_parallel_size,
-                "dp": self.args.data_parallel_size,
+                "tp": self.cfg.parallel.tensor_model_parallel_size,
+                "pp": self.cfg.parallel.pipeline_model_parallel_size,
+                "dp": self.cfg.parallel.data_parallel_size,
             },
         }
 
@@ -386,12 +284,12 @@ class Checkpointer:
         if torch.distributed.get_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         _barrier()
-        pointer = os.path.join(self.args.save, "latest")
+        pointer = os.path.join(self.cfg.checkpoint.save, "latest")
         previous = None
         if os.path.isfile(pointer):
             with open(pointer) as f:
                 previous = f.read().strip()
-        kept = (f"{os.path.join(self.args.save, previous)} ('latest') is intact and a restart resumes from it"
+        kept = (f"{os.path.join(self.cfg.checkpoint.save, previous)} ('latest') is intact and a restart resumes from it"
                 if previous else "no earlier checkpoint exists; a restart begins afresh")
         r, e = failed[0]
         raise CheckpointError(f"saving checkpoint {name} failed on rank {r} ({e}); nothing was "
@@ -404,8 +302,8 @@ class Checkpointer:
             if os.path.isfile(p):
                 with open(p) as f:
                     protected.add(f.read().strip())
-        names = sorted(n for n in os.listdir(root) if _ITER_RE.match(n))
-        keep = set(names[-self.args.keep_last:]) | protected
+        names = sorted(n for n in os.listdir(root) if ITER_RE.match(n))
+        keep = set(names[-self.cfg.checkpoint.keep_last:]) | protected
         for n in names:
             if n not in keep:
                 shutil.rmtree(os.path.join(root, n), ignore_errors=True)
@@ -419,7 +317,7 @@ class Checkpointer:
                 "--target-model and --target-layer-ids"
             )
         saved_dist_opt = bool(state.get("args", {}).get("use_distributed_optimizer", False))
-        if saved_dist_opt != bool(getattr(self.args, "use_distributed_optimizer", False)):
+        if saved_dist_opt != bool(self.cfg.parallel.use_distributed_optimizer):
             raise CheckpointError(
                 "--load checkpoint was written "
                 + ("with" if saved_dist_opt else "without")

@@ -144,7 +144,7 @@ class Eagle3Trainer(Trainer):
     def _prepare(self, micro, training: bool):
         chunk = self.chunks[0]
         return Eagle3Step(micro, chunk, self.target, self.dp_group, self.device,
-                          self.args.target_dtype_resolved, loss_scale=float(len(micro) * self.dp_size))
+                          self.cfg.target.dtype, loss_scale=float(len(micro) * self.dp_size))
 
     def _schedule_seq_length(self, step) -> int:
         return max(b.input_ids.shape[1] for b in step.batches)
@@ -158,9 +158,11 @@ def run(args, hf_config, dcfg):
     draft vocabulary (rank 0 counts the training split's supervised tokens), draft, data,
     resume, loop."""
     from megaspark import platform
+    from megaspark.arguments.configs import run_config
+    from megaspark.checkpoint_files import read_state
     from megaspark.data.draft_vocab import select_draft_vocab, supervised_token_counts
     from megaspark.training.batches import computes_target
-    from megaspark.training.checkpointing import Checkpointer, choose_resume, read_state
+    from megaspark.training.checkpointing import Checkpointer, choose_resume
     from megaspark.training.startup import load_target, log0, open_datasets
     from megaspark.training.trainer import wrap_ddp
 
@@ -186,13 +188,14 @@ def run(args, hf_config, dcfg):
     if ids[1] is not None:
         raise ValueError(ids[1])
     model = build_draft(args, e, ids[0], target_info)
-    checkpointer = Checkpointer(args, e, target_info.fingerprint())
-    resume = choose_resume(args)
+    cfg = run_config(args)  # every flag resolved: the typed configs from here on
+    checkpointer = Checkpointer(cfg, e, target_info.fingerprint(), flags=vars(args))
+    resume = choose_resume(cfg.checkpoint)
     if resume:
         checkpointer.check_compatible(read_state(resume))
     tcfg = model.config
-    ddp = wrap_ddp([model], tcfg, args)
-    trainer = Eagle3Trainer(args, [model], ddp, tcfg, e, target, train_data, valid_data, forward_step,
+    ddp = wrap_ddp([model], tcfg, cfg.parallel.use_distributed_optimizer)
+    trainer = Eagle3Trainer(cfg, [model], ddp, tcfg, e, target, train_data, valid_data, forward_step,
                             pad_id=train_data.pad_id)
     if resume:
         checkpointer.load(trainer, resume)

@@ -34,24 +34,28 @@ def _fmt_eta(seconds: float) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, args, enabled: bool):
+    """Console lines, the tqdm bar, TensorBoard and JSONL of a run (a :class:`LoggingConfig`);
+    ``enabled`` on the one rank that logs."""
+
+    def __init__(self, config, enabled: bool, train_iters: int):
         self.enabled = enabled
-        self.args = args
+        self.config = config
+        self.train_iters = train_iters
         self.bar = None
         self.writer = None
         self.jsonl = None
         if not enabled:
             return
-        if args.tensorboard_dir:
+        if config.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=args.tensorboard_dir)
-        if args.log_jsonl:
-            os.makedirs(os.path.dirname(os.path.abspath(args.log_jsonl)), exist_ok=True)
-            self.jsonl = open(args.log_jsonl, "a", buffering=1)
+            self.writer = SummaryWriter(log_dir=config.tensorboard_dir)
+        if config.log_jsonl:
+            os.makedirs(os.path.dirname(os.path.abspath(config.log_jsonl)), exist_ok=True)
+            self.jsonl = open(config.log_jsonl, "a", buffering=1)
 
     def start(self, total: int, initial: int) -> None:
-        if not self.enabled or not getattr(self.args, "progress_bar", True):
+        if not self.enabled or not self.config.progress_bar:
             return
         from tqdm import tqdm
 
@@ -74,7 +78,7 @@ class MetricsLogger:
     def log_train(self, iteration: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        parts = [f"iter {iteration:>6d}/{self.args.train_iters}"]
+        parts = [f"iter {iteration:>6d}/{self.train_iters}"]
         for key, label, fmt in _CONSOLE_KEYS:
             if key in metrics and metrics[key] is not None:
                 parts.append(f"{label} {fmt.format(metrics[key])}")

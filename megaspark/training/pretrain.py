@@ -10,6 +10,7 @@ import torch
 
 from megaspark import platform
 from megaspark.arguments import ArgumentError, parse_args
+from megaspark.arguments.configs import run_config
 from megaspark.training.startup import load_target, log0, open_datasets  # noqa: F401 (load_target: API)
 
 
@@ -26,15 +27,16 @@ def check_memory_plan(args, dcfg, hf_config, runs_target: bool) -> None:
     memory; no limit on the CPU)."""
     from megatron.core import parallel_state
 
+    from megaspark.arguments.configs import plan_settings
     from megaspark.memory_plan import MemoryPlanError, budget_bytes, plan_memory
 
-    plan = plan_memory(args, dcfg, hf_config, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+    plan = plan_memory(plan_settings(args), dcfg, hf_config, tp_rank=parallel_state.get_tensor_model_parallel_rank(),
                        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
                        dp_size=args.data_parallel_size, computes_target=runs_target,
                        target_tp=args.target_tp_resolved)
     error = None
     try:
-        plan.check(budget_bytes(args, platform.compute_device()))
+        plan.check(budget_bytes(args.memory_budget_gb, platform.compute_device()))
     except MemoryPlanError as e:
         error = str(e)
     rank = torch.distributed.get_rank()
@@ -81,18 +83,19 @@ def draft_config(args, hf_config):
     return DSparkConfig.from_hf_config(hf_config, **overrides, **algorithm)
 
 
-def build_model_chunks(args, dcfg, model_provider):
-    """This rank's model chunks: one per virtual pipeline stage (one without interleaving).
-    Only the very first chunk of the pipeline embeds, only the very last one has the heads."""
+def build_model_chunks(cfg, dcfg, model_provider):
+    """This rank's model chunks (``model_provider(cfg, dcfg, ...)`` with a :class:`RunConfig`):
+    one per virtual pipeline stage (one without interleaving). Only the very first chunk of
+    the pipeline embeds, only the very last one has the heads."""
     from megatron.core import parallel_state
 
-    vpp = args.virtual_pipeline_model_parallel_size
+    vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     chunks, tcfg = [], None
     for vp_stage in range(vpp or 1):
         stage = None if vpp is None else vp_stage
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
-        chunk, tcfg = model_provider(args, dcfg, pre_process=pre, post_process=post, vp_stage=stage)
+        chunk, tcfg = model_provider(cfg, dcfg, pre_process=pre, post_process=post, vp_stage=stage)
         device = platform.compute_device()
         if device.type != "cpu":  # weights are initialised on the CPU (layout-independent)
             chunk.to(device)
@@ -103,8 +106,9 @@ def build_model_chunks(args, dcfg, model_provider):
 def pretrain(model_provider, forward_step, argv=None):
     from megaspark.parallel import initialize_distributed
     from megaspark.targets.hf import load_config_offline
-    from megaspark.targets.builtin import default_mask_token_id, resolve_target
-    from megaspark.training.checkpointing import Checkpointer, choose_resume, prestart_checkpoint_writer, read_state
+    from megaspark.targets.builtin import default_mask_token_id, is_builtin, resolve_target
+    from megaspark.checkpoint_files import read_state
+    from megaspark.training.checkpointing import Checkpointer, choose_resume, prestart_checkpoint_writer
     from megaspark.training.trainer import Trainer, wrap_ddp
 
     import time
@@ -114,14 +118,11 @@ def pretrain(model_provider, forward_step, argv=None):
     args.start_time = started  # --exit-duration-in-mins counts from here
     from megaspark.training.resilience import install_early
 
-    install_early(args)  # an exit signal during start-up is kept for the first step
+    install_early(args.exit_signal_handler)  # an exit signal during start-up is kept for the first step
 
-    # --- cheap checks that need only the target's config.json, before any weights ---
-    target_path = resolve_target(args.target_model) if not args.target_model.startswith("builtin:") else None
-    if target_path is not None:
-        hf_config = load_config_offline(target_path).get_text_config()
-    else:
-        hf_config = None
+    # --- the target is resolved once: a local directory now (a cheap check of its config.json),
+    # a built-in one converted on rank 0 once the process group exists ---
+    target_path = None if is_builtin(args.target_model) else resolve_target(args.target_model)
 
     if args.save:
         prestart_checkpoint_writer()
@@ -135,11 +136,13 @@ def pretrain(model_provider, forward_step, argv=None):
         timeout_minutes=args.distributed_timeout_minutes,
     )
     torch.manual_seed(args.seed)
-    if hf_config is None:
+    if target_path is None:
         if torch.distributed.get_rank() == 0:
-            resolve_target(args.target_model)
+            resolve_target(args.target_model)  # converts the GGUF on first use
         torch.distributed.barrier()
-        hf_config = load_config_offline(resolve_target(args.target_model)).get_text_config()
+        target_path = resolve_target(args.target_model)
+    args.target_path = target_path
+    hf_config = load_config_offline(target_path).get_text_config()
 
     dcfg = draft_config(args, hf_config)
     if args.algorithm == "eagle3":  # its attention shape is derived as the DSpark draft's
@@ -188,24 +191,25 @@ def pretrain(model_provider, forward_step, argv=None):
     dcfg.validate(args.tensor_model_parallel_size)
 
     meta, train_data, valid_data = open_datasets(args, target_info, hf_config, dcfg.vocab_size)
-    checkpointer = Checkpointer(args, dcfg, target_info.fingerprint())
-    resume = choose_resume(args)
+    cfg = run_config(args)  # every flag resolved: the typed configs from here on
+    checkpointer = Checkpointer(cfg, dcfg, target_info.fingerprint(), flags=vars(args))
+    resume = choose_resume(cfg.checkpoint)
     if resume:
         checkpointer.check_compatible(read_state(resume))
         if args.load_hf_draft:  # a requeued run that began from an HF draft goes on from --save
             log0(f"megaspark: {args.load_hf_draft} is not loaded: the run resumes from {resume}")
 
-    chunks, tcfg = build_model_chunks(args, dcfg, model_provider)
+    chunks, tcfg = build_model_chunks(cfg, dcfg, model_provider)
     for chunk in chunks:
         chunk.load_target_embedding_shards(target_info)
     if args.load_hf_draft and not resume:
         # before DDP/optimizer: they copy the parameters
-        from megaspark.export.hf import load_hf_draft_weights
+        from megaspark.export.loading import load_hf_draft_weights
 
         load_hf_draft_weights(chunks, args.load_hf_draft, dcfg, target_fingerprint=target_info.fingerprint())
         log0(f"initialised the draft from {args.load_hf_draft}")
-    ddp_chunks = wrap_ddp(chunks, tcfg, args)
-    trainer = Trainer(args, chunks, ddp_chunks, tcfg, dcfg, target, train_data, valid_data,
+    ddp_chunks = wrap_ddp(chunks, tcfg, cfg.parallel.use_distributed_optimizer)
+    trainer = Trainer(cfg, chunks, ddp_chunks, tcfg, dcfg, target, train_data, valid_data,
                       forward_step, pad_id=train_data.pad_id)
     if resume:
         checkpointer.load(trainer, resume)

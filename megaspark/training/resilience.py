@@ -47,26 +47,27 @@ def _early_handler(signum, _frame) -> None:
     _EARLY_SIGNAL = signum
 
 
-def install_early(args) -> None:
+def install_early(exit_signal_handler: bool) -> None:
     """With ``--exit-signal-handler``, from the start of the job: an exit signal during
     start-up is remembered (the run then saves and exits after its first step) instead of
     killing the rank."""
-    if getattr(args, "exit_signal_handler", False):
+    if exit_signal_handler:
         for sig in EXIT_SIGNALS:
             signal.signal(sig, _early_handler)
 
 
 class StepControl:
-    """The per-step decision of every rank (see the module docstring)."""
+    """The per-step decision of every rank (see the module docstring), for a run's
+    :class:`~megaspark.arguments.configs.ExitConfig`."""
 
-    def __init__(self, args, device: torch.device):
+    def __init__(self, config, device: torch.device):
         self.device = device
         self.received: Optional[int] = _EARLY_SIGNAL
-        self.exit_minutes = getattr(args, "exit_duration_in_mins", None)
+        self.exit_minutes = config.exit_duration_in_mins
         # the budget counts from the start of the job's process (start-up included), as a
         # scheduler's time limit does
-        self.started = getattr(args, "start_time", None) or time.time()
-        self._wanted = bool(getattr(args, "exit_signal_handler", False))
+        self.started = config.start_time
+        self._wanted = bool(config.exit_signal_handler)
         self._previous = {}
 
     def install(self) -> None:

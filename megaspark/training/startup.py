@@ -15,17 +15,13 @@ def log0(msg: str) -> None:
 
 def load_target(args, build: bool):
     """(:class:`TargetInfo` on every rank, the target provider of --target-backend on the ranks
-    that run it, else None). The built-in target is resolved (converted on first use) on rank
-    0 first. The provider is built on the compute device in ``args.target_dtype_resolved``;
-    when it fails anywhere, every rank raises (the failing one its own error)."""
+    that run it, else None), from the target directory start-up resolved (``args.target_path``).
+    The provider is built on the compute device in ``args.target_dtype_resolved``; when it
+    fails anywhere, every rank raises (the failing one its own error)."""
     from megaspark.targets.base import TargetError
-    from megaspark.targets.builtin import resolve_target
     from megaspark.targets.checkpoint import TargetInfo
 
-    if torch.distributed.get_rank() == 0:
-        resolve_target(args.target_model)
-    torch.distributed.barrier()
-    info = TargetInfo(args.target_model, args.target_layer_ids_resolved)
+    info = TargetInfo(args.target_path, args.target_layer_ids_resolved)
     provider, error = None, None
     if build:
         try:
@@ -45,23 +41,24 @@ def load_target(args, build: bool):
     return info, provider
 
 def _build_provider(args):
-    device, dtype = platform.compute_device(), args.target_dtype_resolved
-    if args.target_backend == "offline":
+    from megaspark.arguments.configs import target_spec
+
+    spec, device = target_spec(args), platform.compute_device()
+    if spec.backend == "offline":
         from megaspark.targets.offline import build_offline_target
 
-        return build_offline_target(args, device=device, dtype=dtype)
-    if args.target_backend == "sglang":
+        return build_offline_target(spec, device=device)
+    if spec.backend == "sglang":
         from megaspark.targets.sglang_colocated import build_colocated_target
 
-        return build_colocated_target(args, device=device, dtype=dtype)
-    if args.target_backend == "sglang-server":
+        return build_colocated_target(spec, device=device)
+    if spec.backend == "sglang-server":
         from megaspark.targets.sglang import build_sglang_target
 
-        return build_sglang_target(args, device=device, dtype=dtype)
+        return build_sglang_target(spec, device=device)
     from megaspark.targets.hf import HFTargetProvider
 
-    return HFTargetProvider(args.target_model, layer_ids=args.target_layer_ids_resolved, dtype=dtype,
-                            device=device)
+    return HFTargetProvider(spec.path, layer_ids=list(spec.layer_ids), dtype=spec.dtype, device=device)
 
 def open_datasets(args, target_info, hf_config, vocab_size: int):
     """``(meta, train, valid or None)`` of ``--data-path``, refused before training when it

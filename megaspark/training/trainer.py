@@ -1,6 +1,6 @@
 """The training loop: megatron-core DDP, optimizer, LR schedule and pipeline schedules.
 
-``pretrain(args, model_provider, forward_step)`` is the library half of
+``pretrain(model_provider, forward_step)`` is the library half of
 ``pretrain_dspark.py`` (the script supplies the four small functions, as Megatron-LM's
 ``pretrain_gpt.py`` does). One iteration:
 
@@ -42,37 +42,38 @@ class TrainState:
     exit_reason: Optional[str] = None  # why the loop stopped early (a signal, the time budget)
 
 
-def build_optimizer(args, ddp_chunks):
+def build_optimizer(optim, ddp_chunks, use_distributed_optimizer: bool = False):
+    """megatron-core's Adam and LR/WD scheduler for an :class:`OptimizationConfig`."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     opt_config = OptimizerConfig(
         optimizer="adam",
-        lr=args.lr,
-        min_lr=args.min_lr,
-        weight_decay=args.weight_decay,
-        adam_beta1=args.adam_beta1,
-        adam_beta2=args.adam_beta2,
-        adam_eps=args.adam_eps,
-        clip_grad=args.clip_grad,
-        bf16=args.bf16,
-        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-        use_distributed_optimizer=getattr(args, "use_distributed_optimizer", False),
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad,
+        bf16=optim.bf16,
+        params_dtype=torch.bfloat16 if optim.bf16 else torch.float32,
+        use_distributed_optimizer=use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, list(ddp_chunks))
-    total = args.train_iters * args.global_batch_size  # the scheduler counts samples
-    warmup = int(args.lr_warmup_fraction * total)
-    wsd_steps = int(args.lr_wsd_decay_fraction * total) if args.lr_decay_style == "WSD" else None
+    total = optim.train_iters * optim.global_batch_size  # the scheduler counts samples
+    warmup = int(optim.lr_warmup_fraction * total)
+    wsd_steps = int(optim.lr_wsd_decay_fraction * total) if optim.lr_decay_style == "WSD" else None
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr,
         lr_warmup_steps=warmup,
         lr_decay_steps=total,
-        lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
+        lr_decay_style=optim.lr_decay_style,
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
         wd_incr_steps=total,
         wd_incr_style="constant",
         wsd_decay_steps=wsd_steps,
@@ -81,14 +82,14 @@ def build_optimizer(args, ddp_chunks):
     return optimizer, scheduler
 
 
-def wrap_ddp(chunks, tcfg, args):
+def wrap_ddp(chunks, tcfg, use_distributed_optimizer: bool = False):
     """megatron-core DDP around every model chunk (one per virtual pipeline stage)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
-        use_distributed_optimizer=getattr(args, "use_distributed_optimizer", False),
+        use_distributed_optimizer=use_distributed_optimizer,
     )
     return [
         DistributedDataParallel(config=tcfg, ddp_config=ddp_config, module=chunk,
@@ -98,14 +99,15 @@ def wrap_ddp(chunks, tcfg, args):
 
 
 class Trainer:
-    """Owns the model, optimizer, data position and logging of one run."""
+    """Owns the model, optimizer, data position and logging of one run (a :class:`RunConfig`
+    whose ``target`` is resolved)."""
 
-    def __init__(self, args, chunks, ddp_chunks, tcfg, dcfg, target, train_data, valid_data,
+    def __init__(self, cfg, chunks, ddp_chunks, tcfg, dcfg, target, train_data, valid_data,
                  forward_step: Callable, pad_id: int):
         from megatron.core import parallel_state
         from megatron.core.distributed import finalize_model_grads
 
-        self.args = args
+        self.cfg = cfg
         self.chunks = list(chunks)  # this rank's model chunks (virtual pipeline stages)
         self.ddp_chunks = list(ddp_chunks)
         self.tcfg = tcfg
@@ -116,7 +118,8 @@ class Trainer:
         self.forward_step = forward_step
         self.pad_id = pad_id
         self.state = TrainState()
-        self.optimizer, self.scheduler = build_optimizer(args, self.ddp_chunks)
+        self.optimizer, self.scheduler = build_optimizer(cfg.optim, self.ddp_chunks,
+                                                         cfg.parallel.use_distributed_optimizer)
         no_sync = [c.no_sync for c in self.ddp_chunks]
         tcfg.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         tcfg.finalize_model_grads_func = finalize_model_grads
@@ -126,8 +129,9 @@ class Trainer:
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
         self.rank = torch.distributed.get_rank()
         self.device = platform.compute_device()
-        self.control = resilience.StepControl(args, self.device)  # signal handlers: train()
-        self.logger = MetricsLogger(args, enabled=self._is_logging_rank())
+        self.control = resilience.StepControl(cfg.exit, self.device)  # signal handlers: train()
+        self.logger = MetricsLogger(cfg.logging, enabled=self._is_logging_rank(),
+                                    train_iters=cfg.optim.train_iters)
 
     def _is_logging_rank(self) -> bool:
         from megatron.core import parallel_state
@@ -143,13 +147,13 @@ class Trainer:
         """This rank's ``count`` micro-batches starting at global stream position ``consumed``."""
         from megaspark.data.dataset import BatchSampler
 
-        mbs = self.args.micro_batch_size
-        grouped = shuffle and getattr(self.args, "length_grouped_sampler", False)
+        mbs = self.cfg.optim.micro_batch_size
+        grouped = shuffle and self.cfg.data.length_grouped_sampler
         # groups of one global batch: the order does not depend on the layout
-        sampler = BatchSampler(len(dataset), mbs, self.dp_rank, self.dp_size, seed=self.args.seed,
+        sampler = BatchSampler(len(dataset), mbs, self.dp_rank, self.dp_size, seed=self.cfg.optim.seed,
                                consumed_samples=consumed, shuffle=shuffle, length_grouped=grouped,
                                lengths=dataset.lengths() if grouped else None,
-                               length_group_size=self.args.global_batch_size if grouped else None)
+                               length_group_size=self.cfg.optim.global_batch_size if grouped else None)
         it = iter(sampler)
         out = []
         self.real_tokens = 0  # tokens of these micro-batches before padding (for tokens/s)
@@ -159,10 +163,10 @@ class Trainer:
             self.micro_samples.append([int(j) for j in indices])
             start = consumed + i * mbs * self.dp_size + self.dp_rank * mbs
             samples = [dataset[j] for j in indices]
-            self.real_tokens += sum(min(len(s["input_ids"]), self.args.seq_length) for s in samples)
-            out.append(collate_micro_batch(samples, self.args.seq_length, self.pad_id,
+            self.real_tokens += sum(min(len(s["input_ids"]), self.cfg.data.seq_length) for s in samples)
+            out.append(collate_micro_batch(samples, self.cfg.data.seq_length, self.pad_id,
                                            range(start, start + mbs),
-                                           pad_multiple=getattr(self.args, "pad_to_multiple", 0)))
+                                           pad_multiple=self.cfg.data.pad_to_multiple))
         return out
 
     # ------------------------------------------------------------------ one step
@@ -172,10 +176,10 @@ class Trainer:
         the schedule asks for it."""
         scale = float(len(micro) * self.dp_size)
         return StepInputs(
-            build_host_blocks(micro, self.dcfg, self.args.seed, training), self.dcfg, self.target,
-            self.dp_group, feature_dtype=self.args.target_dtype_resolved, expect_features=True,
+            build_host_blocks(micro, self.dcfg, self.cfg.optim.seed, training), self.dcfg, self.target,
+            self.dp_group, feature_dtype=self.cfg.target.dtype, expect_features=True,
             chunks=len(self.ddp_chunks), annotate=dict(loss_scale=scale),
-            target_tp=getattr(self.args, "target_tp_resolved", 1),
+            target_tp=self.cfg.target.tensor_parallel_size,
         )
 
     def _run_schedule(self, step: StepInputs, forward_only: bool):
@@ -191,13 +195,13 @@ class Trainer:
             model=self.ddp_chunks,
             num_microbatches=len(step),
             seq_length=self._schedule_seq_length(step),
-            micro_batch_size=self.args.micro_batch_size,
+            micro_batch_size=self.cfg.optim.micro_batch_size,
             forward_only=forward_only,
         )
 
     def _schedule_seq_length(self, step) -> int:
         """The activation length megatron's schedule is told (DSpark: context + blocks)."""
-        return self.args.seq_length + self.dcfg.num_anchors * self.dcfg.block_size
+        return self.cfg.data.seq_length + self.dcfg.num_anchors * self.dcfg.block_size
 
     def _combined_loss(self, metrics: dict) -> float:
         """The training objective from the reduced metrics (DSpark: α-weighted terms)."""
@@ -206,10 +210,9 @@ class Trainer:
                 + (d.alpha_conf * metrics.get("confidence_loss", 0.0) if d.confidence_head else 0.0))
 
     def train_step(self):
-        args = self.args
         it = self.state.iteration + 1
-        timeout = args.distributed_timeout_minutes if hasattr(args, "distributed_timeout_minutes") else None
-        micro = self._micro_batches(self.train_data, self.state.consumed_samples, args.num_microbatches)
+        timeout = self.cfg.parallel.distributed_timeout_minutes
+        micro = self._micro_batches(self.train_data, self.state.consumed_samples, self.cfg.optim.num_microbatches)
         with resilience.collective_phase(f"forward/backward of iteration {it}", timeout):
             reports = self.forward_backward(micro)
         resilience.fault("step", it)
@@ -226,9 +229,9 @@ class Trainer:
             with resilience.collective_phase(f"the optimizer step of iteration {it}", timeout):
                 ok, grad_norm, _ = self.optimizer.step()
         if ok:
-            self.scheduler.step(increment=args.global_batch_size)
+            self.scheduler.step(increment=self.cfg.optim.global_batch_size)
         self.state.iteration += 1
-        self.state.consumed_samples += args.global_batch_size
+        self.state.consumed_samples += self.cfg.optim.global_batch_size
         metrics = self._reduce_reports(reports, tokens=self.real_tokens)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -250,7 +253,7 @@ class Trainer:
             what = f"a non-finite loss in {where}"
         else:
             what = "a non-finite gradient (every loss was finite)"
-        allowed = getattr(self.args, "skip_nonfinite_steps", 0)
+        allowed = self.cfg.exit.skip_nonfinite_steps
         if self.state.skipped_nonfinite < allowed:
             self.state.skipped_nonfinite += 1
             print(f"megaspark: rank {self.rank}: iteration {it} skipped: {what}; the optimizer was "
@@ -260,9 +263,9 @@ class Trainer:
                 chunk.zero_grad_buffer()
             return
         latest = None
-        if self.args.save and os.path.isfile(os.path.join(self.args.save, "latest")):
-            with open(os.path.join(self.args.save, "latest")) as f:
-                latest = os.path.join(self.args.save, f.read().strip())
+        if self.cfg.checkpoint.save and os.path.isfile(os.path.join(self.cfg.checkpoint.save, "latest")):
+            with open(os.path.join(self.cfg.checkpoint.save, "latest")) as f:
+                latest = os.path.join(self.cfg.checkpoint.save, f.read().strip())
         print(f"megaspark: rank {self.rank}: stopping in iteration {it} (non-finite)", flush=True)
         torch.distributed.barrier()  # every rank has said so before any exits
         raise resilience.NonFiniteStepError(
@@ -315,14 +318,13 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        args = self.args
         if self.valid_data is None or len(self.valid_data) == 0:
             return {}
         for chunk in self.ddp_chunks:
             chunk.eval()
         reports = []
-        per_iter = args.micro_batch_size * self.dp_size
-        max_iters = max(1, min(args.eval_iters, len(self.valid_data) // per_iter))
+        per_iter = self.cfg.optim.micro_batch_size * self.dp_size
+        max_iters = max(1, min(self.cfg.logging.eval_iters, len(self.valid_data) // per_iter))
         for i in range(max_iters):
             micro = self._micro_batches(self.valid_data, i * per_iter, 1, shuffle=False)
             reports.extend(self._run_schedule(self._prepare(micro, training=False), forward_only=True) or [])
@@ -340,32 +342,31 @@ class Trainer:
             self.logger.close()  # also when a step or a save raised
 
     def _save(self, checkpointer) -> None:
-        timeout = getattr(self.args, "distributed_timeout_minutes", None)
+        timeout = self.cfg.parallel.distributed_timeout_minutes
         with resilience.collective_phase(f"saving the checkpoint of iteration {self.state.iteration}", timeout):
             checkpointer.save(self)
 
     def _train(self, checkpointer=None):
-        args = self.args
         start_iter = self.state.iteration
         t0 = time.time()
         window_tokens, window_t = 0, time.time()
-        self.logger.start(total=args.train_iters, initial=start_iter)
-        while self.state.iteration < args.train_iters:
+        self.logger.start(total=self.cfg.optim.train_iters, initial=start_iter)
+        while self.state.iteration < self.cfg.optim.train_iters:
             metrics = self.train_step()
             exit_reason = metrics.pop("exit_reason", None)
             it = self.state.iteration
             self.state.history.append(metrics.get("loss", float("nan")))
             window_tokens += metrics.get("tokens", 0)  # real tokens, padding excluded
             self.logger.progress(metrics)
-            if it % args.log_interval == 0 or it == args.train_iters:
+            if it % self.cfg.logging.log_interval == 0 or it == self.cfg.optim.train_iters:
                 elapsed = time.time() - window_t
                 metrics["tokens_per_sec"] = window_tokens / max(elapsed, 1e-9)
                 done = it - start_iter
-                metrics["eta_sec"] = (time.time() - t0) / max(done, 1) * (args.train_iters - it)
+                metrics["eta_sec"] = (time.time() - t0) / max(done, 1) * (self.cfg.optim.train_iters - it)
                 self.logger.log_train(it, metrics)
                 window_tokens, window_t = 0, time.time()
             eval_metrics = None
-            if args.eval_interval and (it % args.eval_interval == 0 or it == args.train_iters):
+            if self.cfg.logging.eval_interval and (it % self.cfg.logging.eval_interval == 0 or it == self.cfg.optim.train_iters):
                 eval_metrics = self.evaluate()
                 self.logger.log_eval(it, eval_metrics)
                 tau = eval_metrics.get("tau")
@@ -375,26 +376,26 @@ class Trainer:
                         if checkpointer is not None:
                             checkpointer.mark_best_pending(it)
             saved = False
-            if checkpointer is not None and args.save_interval and it % args.save_interval == 0:
+            if checkpointer is not None and self.cfg.checkpoint.save_interval and it % self.cfg.checkpoint.save_interval == 0:
                 self._save(checkpointer)
                 saved = True
-            if exit_reason is not None and it < args.train_iters:
+            if exit_reason is not None and it < self.cfg.optim.train_iters:
                 if checkpointer is not None and not saved:
                     self._save(checkpointer)
                 if self.rank == 0:
                     print(f"megaspark: {exit_reason}: stopped at iteration {it}"
-                          + (f" after saving {os.path.join(args.save, f'iter_{it:07d}')}"
+                          + (f" after saving {os.path.join(self.cfg.checkpoint.save, f'iter_{it:07d}')}"
                              if checkpointer is not None else " (no --save: nothing saved)"), flush=True)
                 self.state.exit_reason = exit_reason
                 self.logger.close()
                 return self.state
-            if args.exit_interval and it % args.exit_interval == 0 and it < args.train_iters:
+            if self.cfg.exit.exit_interval and it % self.cfg.exit.exit_interval == 0 and it < self.cfg.optim.train_iters:
                 if checkpointer is not None and not saved:
                     self._save(checkpointer)
                 self.logger.close()
                 return self.state
-        if checkpointer is not None and args.save and not (
-            args.save_interval and self.state.iteration % args.save_interval == 0
+        if checkpointer is not None and self.cfg.checkpoint.save and not (
+            self.cfg.checkpoint.save_interval and self.state.iteration % self.cfg.checkpoint.save_interval == 0
         ):
             self._save(checkpointer)
         self.logger.close()

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
@@ -23,42 +23,7 @@ from megaspark.models.dspark.attention import (
     DualSourceAttention,
     DualSourceAttentionSubmodules,
 )
-
-
-class RMSNorm(torch.nn.Module):
-    """RMSNorm computed in fp32 (HF Llama/Qwen semantics), weight initialised to 1.
-
-    Marks its weight ``sequence_parallel`` so megatron all-reduces its gradient across
-    TP ranks when sequence parallelism shards the rows it sees.
-    """
-
-    def __init__(self, config=None, hidden_size: int = 0, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        dtype = getattr(config, "params_dtype", None) or torch.float32
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype))
-        if config is not None:
-            setattr(self.weight, "sequence_parallel", bool(getattr(config, "sequence_parallel", False)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
-
-
-class HeadRMSNorm(RMSNorm):
-    """Per-head RMSNorm for q/k (Qwen3). Its weight is replicated over TP but each rank
-    applies it to its own heads only, so its gradient is a partial sum per rank; the
-    weight enters through ``copy_to_tensor_model_parallel_region`` (backward all-reduce)
-    so every rank holds the full gradient without a post-hoc reduction."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight
-        if parallel_state.get_tensor_model_parallel_world_size() > 1:
-            weight = tensor_parallel.copy_to_tensor_model_parallel_region(weight)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * weight.float()).to(x.dtype)
+from megaspark.models.dspark.norms import RMSNorm
 
 
 @dataclass
@@ -81,7 +46,7 @@ def mla_submodules(spec):
     """The MLA submodules for a layer spec's attention slot: an MLA spec as is; the local GQA
     spec (megatron's plain parallel linears) maps to the local MLA spec. Anything else (the
     Transformer Engine spec) is refused, naming the flags."""
-    from megaspark.config import ConfigError
+    from megaspark.config import MLA_NEEDS_LOCAL_SPEC, ConfigError
     from megaspark.models.dspark.mla import DualSourceMLASubmodules
 
     if isinstance(spec, DualSourceMLASubmodules):
@@ -89,10 +54,7 @@ def mla_submodules(spec):
     local = (tensor_parallel.ColumnParallelLinear, tensor_parallel.RowParallelLinear)
     if isinstance(spec, DualSourceAttentionSubmodules) and (spec.linear_q, spec.linear_proj) == local:
         return DualSourceMLASubmodules()
-    raise ConfigError(
-        "--draft-attention mla is implemented for --transformer-impl local only; "
-        "--transformer-impl transformer_engine covers the GQA draft (use --transformer-impl local)"
-    )
+    raise ConfigError(MLA_NEEDS_LOCAL_SPEC)
 
 
 class DSparkLayer(MegatronModule):

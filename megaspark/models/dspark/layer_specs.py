@@ -10,7 +10,8 @@ from __future__ import annotations
 from megatron.core import tensor_parallel
 
 from megaspark.models.dspark.attention import DualSourceAttentionSubmodules
-from megaspark.models.dspark.layer import DSparkLayerSubmodules, HeadRMSNorm, RMSNorm
+from megaspark.models.dspark.layer import DSparkLayerSubmodules
+from megaspark.models.dspark.norms import HeadRMSNorm, RMSNorm
 
 
 def get_local_layer_spec(qk_norm: bool, attention_type: str = "gqa") -> DSparkLayerSubmodules:

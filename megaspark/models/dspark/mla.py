@@ -89,7 +89,7 @@ class DualSourceMLA(MegatronModule):
         Eagle3 draft's attention reads ``[embedding; hidden]``, twice as wide); the output
         projection always returns the hidden size."""
         super().__init__(config=config)
-        from megaspark.models.dspark.layer import RMSNorm
+        from megaspark.models.dspark.norms import RMSNorm
 
         submodules = submodules or DualSourceMLASubmodules()
         d = dspark_config

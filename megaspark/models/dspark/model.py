@@ -38,7 +38,8 @@ from megaspark.config import DSparkConfig
 from megaspark.losses import LossSums, RowGroups, dspark_loss_sums
 from megaspark.models.dspark.attention import AttentionInputs
 from megaspark.models.dspark.heads import ConfidenceHead, MarkovHead
-from megaspark.models.dspark.layer import DSparkLayer, RMSNorm
+from megaspark.models.dspark.layer import DSparkLayer
+from megaspark.models.dspark.norms import RMSNorm
 from megaspark.models.dspark.layer_specs import get_local_layer_spec
 from megaspark.models.dspark.rope import rope_cos_sin
 

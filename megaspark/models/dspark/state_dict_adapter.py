@@ -87,7 +87,7 @@ def _compile(template: str):
 _COMPILED = [(m, _compile(m.local)) for m in MAPPINGS]
 
 
-def _local_layer_to_global(model, name: str) -> tuple[Mapping, Optional[int]]:
+def local_layer_to_global(model, name: str) -> tuple[Mapping, Optional[int]]:
     for mapping, pattern in _COMPILED:
         match = pattern.match(name)
         if match:
@@ -135,7 +135,7 @@ def hf_state_dict(model, include_frozen: bool = True, grads: bool = False) -> di
     rank, size, group = _tp()
     out = {}
     for name, param in model.named_parameters():
-        mapping, layer = _local_layer_to_global(model, name)
+        mapping, layer = local_layer_to_global(model, name)
         if not include_frozen and mapping.local in ("embedding.weight", "output_layer.weight"):
             continue
         if grads:
@@ -170,7 +170,7 @@ def load_hf_state_dict(model, state: dict, strict: bool = True) -> list:
     rank, size, _ = _tp()
     used = []
     for name, param in model.named_parameters():
-        mapping, layer = _local_layer_to_global(model, name)
+        mapping, layer = local_layer_to_global(model, name)
         hf_names = [n.replace("{i}", str(layer)) for n in mapping.hf]
         missing = [n for n in hf_names if n not in state]
         if missing:

@@ -147,15 +147,12 @@ def check_transformer_impl_usable(transformer_impl: str) -> None:
 
 def check_attention_supported(transformer_impl: str, attention_type: str = "gqa") -> None:
     """The TE spec covers the GQA draft only: ``--draft-attention mla`` needs the local spec
-    (its latent down-projections and norms are megaspark modules, and it was never run
-    under TE). Raises :class:`megaspark.config.ConfigError` naming both flags."""
+    (its latent down-projections and norms are megaspark modules, not TE's). Raises
+    :class:`megaspark.config.ConfigError` naming both flags."""
     if attention_type == "mla" and transformer_impl == TRANSFORMER_ENGINE:
-        from megaspark.config import ConfigError
+        from megaspark.config import MLA_NEEDS_LOCAL_SPEC, ConfigError
 
-        raise ConfigError(
-            "--draft-attention mla is implemented for --transformer-impl local only; "
-            "--transformer-impl transformer_engine covers the GQA draft (use --transformer-impl local)"
-        )
+        raise ConfigError(MLA_NEEDS_LOCAL_SPEC)
 
 
 def select_layer_spec(transformer_impl: Optional[str], qk_norm: bool, attention_type: str = "gqa"):
@@ -211,7 +208,8 @@ def get_te_layer_spec(qk_norm: bool, attention_type: str = "gqa"):
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     from megaspark.models.dspark.attention import DualSourceAttentionSubmodules
-    from megaspark.models.dspark.layer import DSparkLayerSubmodules, HeadRMSNorm, RMSNorm
+    from megaspark.models.dspark.layer import DSparkLayerSubmodules
+    from megaspark.models.dspark.norms import HeadRMSNorm, RMSNorm
 
     column, row = te_linear_classes()
     return DSparkLayerSubmodules(

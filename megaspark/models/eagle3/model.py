@@ -43,7 +43,7 @@ from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from megaspark.config import AttentionShape
-from megaspark.models.dspark.layer import RMSNorm
+from megaspark.models.dspark.norms import RMSNorm
 from megaspark.models.dspark.model import seeded_init
 from megaspark.models.dspark.rope import apply_rope, apply_rope_interleaved, rope_cos_sin
 

@@ -461,15 +461,15 @@ def test_concurrent_shard_ranks(tmp_path, cache_fp32_b4, tiny_llama_dir, data_di
 
 def test_training_from_cache_matches_online(tmp_path, cache_fp32, tiny_llama_dir, data_dir):
     """pretrain_dspark.py with --target-backend offline reproduces the online losses."""
-    from tests.test_pretrain import _ok, base_flags, losses, run
+    from tests.launcher import base_flags, losses, ok, run
 
     flags = base_flags(tiny_llama_dir, str(data_dir), "--global-batch-size", "4", "--train-iters", "4",
                        "--eval-interval", "2", "--eval-iters", "1")
     off_log, on_log = tmp_path / "offline.jsonl", tmp_path / "online.jsonl"
     # offline first: without the wiring it fails in seconds
-    _ok(run(1, *flags, "--target-backend", "offline", "--hidden-states-dir", str(cache_fp32),
-            "--log-jsonl", str(off_log)))
-    _ok(run(1, *flags, "--log-jsonl", str(on_log)))
+    ok(run(1, *flags, "--target-backend", "offline", "--hidden-states-dir", str(cache_fp32),
+           "--log-jsonl", str(off_log)))
+    ok(run(1, *flags, "--log-jsonl", str(on_log)))
     for kind in ("train", "eval"):
         a, b = losses(on_log, kind), losses(off_log, kind)
         assert sorted(a) == sorted(b) and a, (kind, a, b)

@@ -189,24 +189,27 @@ def test_pad_batch():
 # ------------------------------------------------------------------ config translation
 
 def test_options_from_args_and_flags():
+    from megaspark.arguments import add_sglang_arguments
+    from megaspark.arguments.configs import sglang_options
+
     ns = argparse.Namespace(seq_length=4096, seed=7, bf16=True)
-    o = sg.options_from_args(ns, env={})
+    o = sglang_options(ns, env={})
     assert (o.url, o.tp_size, o.mem_fraction_static, o.context_length, o.random_seed, o.last_hidden) == \
         (None, 1, 0.35, 4096, 7, "tail")
-    o = sg.options_from_args(ns, env={sg.ENV_URL: "http://127.0.0.1:30000"})
+    o = sglang_options(ns, env={sg.ENV_URL: "http://127.0.0.1:30000"})
     assert o.url == "http://127.0.0.1:30000"
 
     p = argparse.ArgumentParser()
     p.add_argument("--seq-length", type=int, default=512)
     p.add_argument("--seed", type=int, default=42)
-    sg.add_sglang_arguments(p)
+    add_sglang_arguments(p)
     ns = p.parse_args(["--sglang-tp-size", "2", "--sglang-mem-fraction-static", "0.5",
                        "--sglang-last-hidden", "engine", "--sglang-url", "http://h:1"])
-    o = sg.options_from_args(ns, env={sg.ENV_URL: "http://ignored"})
+    o = sglang_options(ns, env={sg.ENV_URL: "http://ignored"})
     assert (o.tp_size, o.mem_fraction_static, o.last_hidden, o.url, o.context_length) == \
         (2, 0.5, "engine", "http://h:1", 512)
     with pytest.raises(ValueError, match="mem-fraction"):
-        sg.options_from_args(argparse.Namespace(sglang_mem_fraction_static=1.5), env={})
+        sglang_options(argparse.Namespace(sglang_mem_fraction_static=1.5), env={})
 
 
 def test_engine_kwargs_aux_and_last():

@@ -1,22 +1,21 @@
-"""Command-line flags of ``pretrain_dspark.py``, validated together before any heavy work.
+"""The flags of ``pretrain_dspark.py``: every flag of a run is defined here, in one parser.
 
 Names follow Megatron-LM where a flag exists there (``--tensor-model-parallel-size``,
 ``--micro-batch-size``, ``--global-batch-size``, ``--lr``, ``--save`` …); DSpark-specific
 flags follow DeepSpec/SpecForge vocabulary (block size, anchors, Markov rank …).
-Every error names the flag it is about.
+Checking them is :mod:`megaspark.arguments.validation`'s job; turning them into the typed
+configs the library takes is :mod:`megaspark.arguments.configs`'.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-from typing import Optional, Sequence
 
 from megaspark.algorithms import ALGORITHMS, DEFAULT_ALGORITHM
-
-
-class ArgumentError(ValueError):
-    """An impossible flag or flag combination (the message names the flags)."""
+from megaspark.config import DEFAULT_LOSS_CHUNK_ROWS
+from megaspark.fp8 import (DEFAULT_FP8_AMAX_COMPUTE_ALGO, DEFAULT_FP8_AMAX_HISTORY_LEN, DEFAULT_FP8_MARGIN,
+                           FP8_AMAX_COMPUTE_ALGOS, FP8_FORMATS)
+from megaspark.models.dspark.te_spec import TRANSFORMER_IMPLS
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -126,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-chunk-blocks", type=int, default=16,
                    help="blocks per call of the sdpa / structured attention kernels (bounds the "
                    "attention's temporaries; each chunk's context is cut at its longest prefix)")
-    g.add_argument("--loss-chunk-rows", type=int, default=512,
+    g.add_argument("--loss-chunk-rows", type=int, default=DEFAULT_LOSS_CHUNK_ROWS,
                    help="rows per chunk of the vocab-parallel loss (bounds peak memory)")
 
     g = p.add_argument_group("parallelism")
@@ -187,9 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse to start when the start-up memory plan of a rank exceeds this "
                    "(default: the device's total memory on GPU; no limit on CPU)")
 
-    from megaspark.fp8 import add_fp8_arguments
-    from megaspark.targets.sglang import add_sglang_arguments
-
     add_fp8_arguments(p)
     add_sglang_arguments(p)
 
@@ -236,181 +232,55 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None):
-    args = build_parser().parse_args(argv)
-    if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    validate_args(args, world_size)
-    return args
 
 
-def validate_args(args, world_size: int) -> None:
-    """Check every flag combination that can be checked without loading anything."""
-
-    def need(ok: bool, message: str):
-        if not ok:
-            raise ArgumentError(message)
-
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    need(tp >= 1, "--tensor-model-parallel-size must be >= 1")
-    need(pp >= 1, "--pipeline-model-parallel-size must be >= 1")
-    need(
-        world_size % (tp * pp) == 0,
-        f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
-        f"--pipeline-model-parallel-size {pp}",
+def add_fp8_arguments(parser) -> None:
+    """``--transformer-impl`` and the FP8 flags (Megatron-LM's names)."""
+    g = parser.add_argument_group("Transformer Engine and FP8 (GPU)")
+    g.add_argument(
+        "--transformer-impl", default=None, choices=list(TRANSFORMER_IMPLS),
+        help="draft layer GEMMs: megatron-core's local linears, or Transformer Engine's "
+        "(needed for FP8). Default: transformer_engine when TE imports and a GPU is "
+        "present, else local. Checkpoints and exports are the same with either.",
     )
-    dp = world_size // (tp * pp)
-    args.data_parallel_size = dp
-    need(args.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
-    if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size * dp
-    need(
-        args.global_batch_size % (args.micro_batch_size * dp) == 0,
-        f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
-        f"{args.micro_batch_size} x data-parallel size {dp}",
+    g.add_argument(
+        "--fp8-format", default=None, choices=list(FP8_FORMATS),
+        help="FP8 training of the draft layers' GEMMs through Transformer Engine (GPU, "
+        "--transformer-impl transformer_engine; use with --bf16): e4m3 everywhere, or "
+        "hybrid (e4m3 forward, e5m2 gradients)",
     )
-    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
-    need(args.seq_length >= 2, "--seq-length must be >= 2")
-    need(args.pad_to_multiple >= 0, "--pad-to-multiple must be >= 0")
-    if args.sequence_parallel:
-        need(args.algorithm == "eagle3", "--sequence-parallel is built for --algorithm eagle3 only "
-             "(the DSpark draft has no sequence-parallel layers yet)")
-        need(tp > 1, "--sequence-parallel needs --tensor-model-parallel-size > 1")
-        need(args.seq_length % tp == 0 and args.pad_to_multiple % tp == 0,
-             f"--sequence-parallel splits every micro-batch's sequence over {tp} TP ranks: --seq-length "
-             f"{args.seq_length} and --pad-to-multiple {args.pad_to_multiple} must be divisible by {tp}")
-    need(args.train_iters >= 1, "--train-iters must be >= 1")
-    need(args.lr >= 0 and args.min_lr >= 0, "--lr and --min-lr must be >= 0")
-    need(args.min_lr <= args.lr, f"--min-lr {args.min_lr} exceeds --lr {args.lr}")
-    need(0 <= args.lr_warmup_fraction < 1, "--lr-warmup-fraction must be in [0, 1)")
-    need(0 < args.lr_wsd_decay_fraction <= 1, "--lr-wsd-decay-fraction must be in (0, 1]")
-    need(args.clip_grad >= 0, "--clip-grad must be >= 0 (0 disables clipping)")
-    need(args.weight_decay >= 0, "--weight-decay must be >= 0")
-    need(args.log_interval >= 1, "--log-interval must be >= 1")
-    need(args.eval_iters >= 1, "--eval-iters must be >= 1")
-    need(args.keep_last >= 1, "--keep-last must be >= 1")
-    for flag in ("save_interval", "eval_interval", "exit_interval"):
-        value = getattr(args, flag)
-        need(value is None or value >= 1, f"--{flag.replace('_', '-')} must be >= 1")
-    need(args.save_interval is None or args.save is not None,
-         "--save-interval needs --save (a checkpoint directory)")
-    need(args.exit_duration_in_mins is None or args.exit_duration_in_mins > 0,
-         "--exit-duration-in-mins must be > 0")
-    need(args.skip_nonfinite_steps >= 0, "--skip-nonfinite-steps must be >= 0")
-    need(args.ttt_steps >= 1, "--ttt-steps must be >= 1")
-    need(args.draft_vocab_size >= 1, "--draft-vocab-size must be >= 1")
-    need(args.distributed_timeout_minutes > 0, "--distributed-timeout-minutes must be > 0")
-    need(args.data_path is not None, "--data-path is required (run tools/prepare_data.py first)")
-    need(os.path.isdir(args.data_path),
-         f"--data-path {args.data_path} is not a directory (run tools/prepare_data.py first)")
-    need(args.load is None or os.path.isdir(args.load),
-         f"--load {args.load} is not a directory")
-    need(args.load_hf_draft is None or os.path.isfile(os.path.join(args.load_hf_draft, "config.json")),
-         f"--load-hf-draft {args.load_hf_draft} is not an HF draft directory (no config.json)")
-    need(not (args.load and args.load_hf_draft),
-         "--load (resume a run) and --load-hf-draft (start from exported weights) exclude each other")
-    if args.target_layer_ids is not None:
-        ids = args.target_layer_ids
-        need(all(b > a for a, b in zip(ids, ids[1:])),
-             f"--target-layer-ids must be strictly increasing, got {ids}")
-    need(args.num_target_taps >= 1, "--num-target-taps must be >= 1")
-    need(args.num_layers % pp == 0,
-         f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
-    need(args.num_layers >= pp,
-         f"--pipeline-model-parallel-size {pp} exceeds --num-layers {args.num_layers}")
-    args.virtual_pipeline_model_parallel_size = None
-    vl = args.num_layers_per_virtual_pipeline_stage
-    if vl is not None:
-        need(pp > 1, "--num-layers-per-virtual-pipeline-stage needs "
-             "--pipeline-model-parallel-size > 1")
-        need(vl >= 1 and args.num_layers % (vl * pp) == 0,
-             f"--num-layers {args.num_layers} is not divisible by "
-             f"--num-layers-per-virtual-pipeline-stage {vl} x --pipeline-model-parallel-size {pp}")
-        args.virtual_pipeline_model_parallel_size = args.num_layers // (vl * pp)
-        if args.virtual_pipeline_model_parallel_size == 1:
-            args.virtual_pipeline_model_parallel_size = None  # plain 1F1B
-        else:
-            need(args.num_microbatches % pp == 0,
-                 f"the interleaved schedule needs the number of micro-batches per step "
-                 f"({args.num_microbatches}) to be a multiple of --pipeline-model-parallel-size {pp}")
-    from megaspark import algorithms
+    g.add_argument(
+        "--fp8-margin", type=int, default=None,
+        help=f"FP8 delayed scaling: margin of the scaling factor (default {DEFAULT_FP8_MARGIN}; "
+        "needs --fp8-format)",
+    )
+    g.add_argument(
+        "--fp8-amax-history-len", type=int, default=None,
+        help=f"FP8 delayed scaling: amax history length (default {DEFAULT_FP8_AMAX_HISTORY_LEN}; "
+        "needs --fp8-format)",
+    )
+    g.add_argument(
+        "--fp8-amax-compute-algo", default=None, choices=list(FP8_AMAX_COMPUTE_ALGOS),
+        help=f"FP8 delayed scaling: amax of the history to use (default "
+        f"{DEFAULT_FP8_AMAX_COMPUTE_ALGO}; needs --fp8-format)",
+    )
 
-    conf_alpha_given = args.confidence_loss_alpha
-    try:
-        algorithms.resolve(args)
-    except ValueError as e:
-        raise ArgumentError(str(e)) from None
-    need(args.confidence_head or not conf_alpha_given,
-         f"--confidence-loss-alpha {conf_alpha_given} has no effect without a confidence head "
-         f"(--algorithm {args.algorithm}{' / --no-confidence-head' if args.algorithm == 'dspark' else ''})")
-    vp = args.training_mode == "vp_drafter"
-    need(vp or args.prefix_weight_base is None,
-         "--prefix-weight-base only applies to --training-mode vp_drafter")
-    if args.prefix_weight_base is None:
-        args.prefix_weight_base = 0.9
-    need(not vp or args.slot_convention == "D",
-         f"--training-mode vp_drafter is a Convention-D objective but --algorithm {args.algorithm} "
-         "uses Convention S: use --algorithm dflash-original (or --slot-convention D)")
-    need(not vp or args.block_size >= 2, "--training-mode vp_drafter needs --block-size >= 2")
-    need(args.prefix_weight_base > 0, "--prefix-weight-base must be > 0")
-    need(args.slot_convention == "S" or args.block_size >= 2,
-         "--block-size must be >= 2 with Convention D (slot 0 is the anchor)")
-    mla_flags = [f for f in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                             "v_head_dim") if getattr(args, f) is not None]
-    need(args.draft_attention != "gqa" or not mla_flags,
-         f"--{mla_flags[0].replace('_', '-') if mla_flags else ''} is an MLA shape flag but "
-         "--draft-attention is gqa")
-    need(args.draft_attention != "mla" or (args.num_query_groups is None and args.kv_channels is None),
-         "--num-query-groups / --kv-channels describe GQA heads; with --draft-attention mla use "
-         "--qk-nope-head-dim, --qk-rope-head-dim and --v-head-dim")
-    for f in mla_flags:
-        need(getattr(args, f) >= 0, f"--{f.replace('_', '-')} must be >= 0")
-    need(args.block_size >= 1, "--block-size must be >= 1")
-    need(args.num_anchors >= 1, "--num-anchors must be >= 1")
-    need(args.markov_rank >= 0, "--markov-rank must be >= 0")
-    need(not (args.confidence_head and args.confidence_with_markov and args.markov_rank == 0),
-         "the confidence head uses Markov features but --markov-rank is 0: add "
-         "--confidence-without-markov or --no-confidence-head")
-    from megaspark import platform
 
-    from megaspark.fp8 import validate_fp8_args
-
-    args.transformer_impl_explicit = getattr(args, "transformer_impl", None) is not None
-    if args.draft_attention == "mla":
-        need(getattr(args, "transformer_impl", None) != "transformer_engine"
-             and getattr(args, "fp8_format", None) is None,
-             "--draft-attention mla is implemented for --transformer-impl local only (no "
-             "Transformer Engine / --fp8-format); the TE spec covers the GQA draft")
-        args.transformer_impl = "local"
-    validate_fp8_args(args)
-    if args.device == "cuda":
-        platform.require_gpu("--device cuda", "a CUDA device")
-    need(args.memory_budget_gb is None or args.memory_budget_gb > 0, "--memory-budget-gb must be > 0")
-    if args.target_backend == "sglang-server":
-        platform.require_gpu("--target-backend sglang-server", "an SGLang server")
-    need(args.target_tensor_parallel_size is None or args.target_backend == "sglang",
-         "--target-tensor-parallel-size is read with --target-backend sglang only")
-    ttp = args.target_tensor_parallel_size
-    need(ttp is None or ttp in (1, tp),
-         f"--target-tensor-parallel-size {ttp}: the co-located target runs either whole on TP rank 0 "
-         f"(1) or sharded over the draft's tensor-parallel ranks ({tp})")
-    # default: the target shares the draft's tensor-parallel ranks
-    args.target_tp_resolved = (tp if ttp is None else ttp) if args.target_backend == "sglang" else 1
-    if args.target_backend == "sglang":
-        import importlib.util
-
-        from megaspark.targets.sglang_runtime import INSTALL_HINT, SGLANG_VERSION
-
-        need(importlib.util.find_spec("sglang") is not None,
-             f"--target-backend sglang needs the sglang package ({SGLANG_VERSION}), which is not "
-             f"installed: `{INSTALL_HINT}` (or --target-backend hf)")
-    need(args.target_backend != "offline" or args.hidden_states_dir is not None,
-         "--target-backend offline needs --hidden-states-dir DIR (run tools/precompute_hidden_states.py)")
-    need(args.hidden_states_dir is None or args.target_backend == "offline",
-         "--hidden-states-dir is only read with --target-backend offline")
-    need(args.hidden_states_dir is None
-         or os.path.isfile(os.path.join(args.hidden_states_dir, "manifest.json")),
-         f"--hidden-states-dir {args.hidden_states_dir} has no manifest.json: not a complete cache "
-         "(run or finish tools/precompute_hidden_states.py)")
-    if args.distributed_backend == "nccl":
-        platform.require_gpu("--distributed-backend nccl", "NCCL")
+def add_sglang_arguments(parser) -> None:
+    """The SGLang target's flags (``pretrain_dspark.py`` and
+    ``tools/precompute_hidden_states.py``)."""
+    g = parser.add_argument_group("SGLang target (--target-backend sglang-server; "
+                                  "--sglang-mem-fraction-static also for sglang)")
+    g.add_argument("--sglang-url", default=None,
+                   help="a running per-node SGLang server; default: start an in-process engine")
+    g.add_argument("--sglang-tp-size", type=int, default=1, help="the engine's tensor parallelism")
+    g.add_argument("--sglang-dp-size", type=int, default=1, help="engine replicas (server mode)")
+    g.add_argument("--sglang-base-gpu-id", type=int, default=None)
+    g.add_argument("--sglang-mem-fraction-static", type=float, default=None,
+                   help="GPU memory share of SGLang's weights + KV pool (default: with "
+                   "--target-backend sglang, the target's shard and one micro-batch of KV from "
+                   "the memory plan; 0.35 for a server)")
+    g.add_argument("--sglang-last-hidden", default="tail", choices=["tail", "engine"],
+                   help="post-norm last state: run the last layer locally, or a second stock engine")
+    g.add_argument("--sglang-last-hidden-url", default=None)
+    g.add_argument("--sglang-max-tokens-per-request", type=int, default=65536)
