@@ -276,7 +276,8 @@ def _losses(tp):
     """Pure vocab-parallel loss functions on crafted inputs (vocab split over TP)."""
     from megatron.core import parallel_state
 
-    from megaspark.losses import dspark_loss_sums, vocab_parallel_ce_l1
+    from megaspark.losses import dspark_loss_sums
+    from megaspark.vocab_parallel_loss import vocab_parallel_ce_l1
 
     group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
     rank = parallel_state.get_tensor_model_parallel_rank()

@@ -1,4 +1,4 @@
-"""The fused vocab-parallel CE/L1 loss (megaspark.losses.vocab_parallel_ce_l1_sums, used by
+"""The fused vocab-parallel CE/L1 loss (megaspark.vocab_parallel_loss.vocab_parallel_ce_l1_sums, used by
 dspark_loss_sums) against autograd of the plain full-vocabulary formula, at TP = 1 and TP = 2.
 
 Every case: a draft hidden state h (a leaf standing in for the backbone), Markov features
@@ -177,6 +177,7 @@ def megaspark_loss(p: dict, head: str, alphas, chunk: int, use_rows: bool, vocab
     the CE and L1 gradients α-combined in the forward, as the model calls it; grouped: and
     the rows grouped by key, as the model does)."""
     from megaspark import losses
+    from megaspark import vocab_parallel_loss as vpl
 
     a_ce, a_l1, a_conf, need_l1 = alphas
     h = p["h"]
@@ -190,7 +191,7 @@ def megaspark_loss(p: dict, head: str, alphas, chunk: int, use_rows: bool, vocab
                   confidence_logits=conf if use_conf else None, vocab_start=vocab_start,
                   group=group, chunk_rows=chunk, rows=rows, need_l1=need_l1)
     if grouped:
-        rows, groups = losses.group_rows(rows, p["keys"], p["prev"])
+        rows, groups = vpl.group_rows(rows, p["keys"], p["prev"])
         assert groups.prev_shared and groups.count < rows.numel()
         kwargs.update(rows=rows, groups=groups, feat_by_prev=head == "vanilla")
     if combined:
@@ -201,7 +202,7 @@ def megaspark_loss(p: dict, head: str, alphas, chunk: int, use_rows: bool, vocab
 
         def previous(h, labels, weights, lm_head, combine=None, groups=None, feat_by_prev=False, **kw):
             assert combine is None and groups is None
-            ce, l1 = losses.vocab_parallel_ce_l1(h, labels, lm_head, **kw)
+            ce, l1 = vpl.vocab_parallel_ce_l1(h, labels, lm_head, **kw)
             return (weights * ce).sum(), (weights * l1).sum(), ce.detach(), l1.detach()
 
         losses.vocab_parallel_ce_l1_sums = previous
@@ -357,7 +358,7 @@ def test_fused_matches_naive_and_previous_tp2(tp2_results):
 def _direct_function_cases(tp: int, rank: int, group):
     """vocab_parallel_ce_l1_sums on flat rows: per-row values and the gradients of an
     arbitrary combination a·ce_sum + b·l1_sum (two independent upstream scalars)."""
-    from megaspark.losses import vocab_parallel_ce_l1_sums
+    from megaspark.vocab_parallel_loss import vocab_parallel_ce_l1_sums
 
     base = make_params(seed=3)
     Vl = V // tp
@@ -427,14 +428,15 @@ class _Untouchable(torch.Tensor):
 
 def test_target_logits_not_formed_without_l1(monkeypatch):
     from megaspark import losses
+    from megaspark import vocab_parallel_loss as vpl
 
     p = leaves(make_params(), torch.float32)
     target = torch.zeros(0).as_subclass(_Untouchable)
     logit_gemms, grad_gemms = [], []
-    real_logits, real_mm = losses._logits_into, losses._mm_into
-    monkeypatch.setattr(losses, "_logits_into", lambda out, x, w, **kw: (
+    real_logits, real_mm = vpl._logits_into, vpl._mm_into
+    monkeypatch.setattr(vpl, "_logits_into", lambda out, x, w, **kw: (
         logit_gemms.append(tuple(x.shape)), real_logits(out, x, w, **kw)))
-    monkeypatch.setattr(losses, "_mm_into", lambda out, a, b: (
+    monkeypatch.setattr(vpl, "_mm_into", lambda out, a, b: (
         grad_gemms.append(tuple(a.shape)), real_mm(out, a, b)))
     sums = losses.dspark_loss_sums(p["h"], p["labels"], p["weights"], p["mask"], p["keep"], p["lm"],
                                    target_hidden=target, chunk_rows=10, need_l1=False)
@@ -459,6 +461,7 @@ def test_target_logits_not_formed_without_l1(monkeypatch):
 
 def test_l1_refusals_and_frozen_head():
     from megaspark import losses
+    from megaspark.vocab_parallel_loss import vocab_parallel_ce_l1_sums
 
     p = leaves(make_params(), torch.float32)
     args = (p["h"], p["labels"], p["weights"], p["mask"], p["keep"], p["lm"])
@@ -470,10 +473,10 @@ def test_l1_refusals_and_frozen_head():
     lm = p["lm"].clone().requires_grad_()
     R = math.prod(BLOCKS)
     with pytest.raises(ValueError, match="LM head as frozen"):
-        losses.vocab_parallel_ce_l1_sums(p["h"].reshape(R, H), p["labels"].reshape(R),
+        vocab_parallel_ce_l1_sums(p["h"].reshape(R, H), p["labels"].reshape(R),
                                          p["weights"].reshape(R), lm)
     with torch.no_grad():  # evaluation: nothing is differentiated, a trainable head is fine
-        losses.vocab_parallel_ce_l1_sums(p["h"].reshape(R, H), p["labels"].reshape(R),
+        vocab_parallel_ce_l1_sums(p["h"].reshape(R, H), p["labels"].reshape(R),
                                          p["weights"].reshape(R), lm)
 
 
@@ -498,7 +501,7 @@ def test_no_grad_path_equals_grad_path():
 def test_chunk_loop_has_no_host_sync_or_data_dependent_shape():
     """The chunk loop traces whole under torch.compile (fullgraph: no graph break, so no
     .item(), nonzero or bool(tensor)); checked with the eager backend (no compiler needed)."""
-    from megaspark import losses
+    from megaspark import vocab_parallel_loss as losses
 
     p = leaves(make_params(), torch.float32)
     R = math.prod(BLOCKS)
@@ -515,7 +518,7 @@ def test_chunk_loop_has_no_host_sync_or_data_dependent_shape():
 
 def test_grouped_chunk_loop_has_no_host_sync_or_data_dependent_shape():
     """The same with the rows grouped by target position (chunk bounds from host ints)."""
-    from megaspark import losses
+    from megaspark import vocab_parallel_loss as losses
 
     p = leaves(make_params(), torch.float32)
     R = math.prod(BLOCKS)

@@ -12,13 +12,13 @@ meaningless.
    (``--loss-rows``; default 896 = 128 anchors × block 7 at the Qwen3 vocabulary
    V = 151,936):
 
-   * **fused** — :func:`megaspark.losses.vocab_parallel_ce_l1_sums`, one autograd
+   * **fused** — :func:`megaspark.vocab_parallel_loss.vocab_parallel_ce_l1_sums`, one autograd
      Function with a hand-derived backward, row chunks of ``--chunk-rows`` (no autograd
      graph over ``[rows, V]``, no recomputation);
    * **grouped** — what training uses: the same Function with the CE and L1 gradients
-     combined and the rows grouped by target position (:func:`megaspark.losses.group_rows`;
+     combined and the rows grouped by target position (:func:`megaspark.vocab_parallel_loss.group_rows`;
      target logits, Markov bias and its gradient products once per group).
-   * **chunked** — the previous implementation, :func:`megaspark.losses.vocab_parallel_ce_l1`:
+   * **chunked** — the previous implementation, :func:`megaspark.vocab_parallel_loss.vocab_parallel_ce_l1`:
      per-row autograd, each chunk under activation checkpointing (``--skip-chunked`` to
      leave it out);
    * **naive** — a full-logits formulation written below (:func:`naive_ce_l1`): over all
@@ -209,7 +209,7 @@ def _set_threads(args):
 def _loss_worker(args, variant: str):
     import torch
 
-    from megaspark.losses import group_rows, vocab_parallel_ce_l1, vocab_parallel_ce_l1_sums
+    from megaspark.vocab_parallel_loss import group_rows, vocab_parallel_ce_l1, vocab_parallel_ce_l1_sums
 
     dt = getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(args.seed)

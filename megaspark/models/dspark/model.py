@@ -35,7 +35,8 @@ from megatron.core.transformer.module import MegatronModule
 
 from megaspark.blocks import Blocks, align_to_blocks, dense_attention_mask
 from megaspark.config import DSparkConfig
-from megaspark.losses import LossSums, RowGroups, dspark_loss_sums
+from megaspark.losses import LossSums, dspark_loss_sums
+from megaspark.vocab_parallel_loss import RowGroups
 from megaspark.models.dspark.attention import AttentionInputs
 from megaspark.models.dspark.heads import ConfidenceHead, MarkovHead
 from megaspark.models.dspark.layer import DSparkLayer
@@ -93,7 +94,8 @@ class DraftInputs:
         step depends on device data. The rows come sorted by (sample, target position), the
         key of the target's distribution and of the previous token."""
         from megaspark.blocks import context_lengths
-        from megaspark.losses import group_rows, supervised_rows
+        from megaspark.losses import supervised_rows
+        from megaspark.vocab_parallel_loss import group_rows
 
         lengths = context_lengths(blocks.anchors, blocks.keep)
         b = blocks.aligned_index.shape[0]
