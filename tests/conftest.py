@@ -1,8 +1,6 @@
 """Shared pytest configuration: the `slow` marker and the session-wide fixtures: the tiny
 targets, the tiny prepared dataset (``data_dir``) and the one launch of the DSPARK_SPEC §13
 invariants worker (``spec_invariant_runs``, shared by test_invariants.py and test_losses.py)."""
-import subprocess
-import sys
 
 import pytest
 
@@ -32,17 +30,10 @@ def data_dir(tmp_path_factory, tiny_llama_dir):
     """The tiny prepared dataset (tools/prepare_data.py on 48 random chats for the tiny Llama
     target), for the torchrun runs of tests.launcher.run. Read only: a test that changes it
     works on a copy."""
-    from tests.launcher import REPO, chat_file
+    from tests.launcher import chat_file, prepare_tiny_data
 
     root = tmp_path_factory.mktemp("pretrain_data")
-    out = root / "data"
-    subprocess.run(
-        [sys.executable, str(REPO / "tools/prepare_data.py"), "--input", str(chat_file(root / "c.jsonl")),
-         "--target-model", tiny_llama_dir, "--output", str(out), "--max-length", "64",
-         "--valid-fraction", "0.15", "--min-supervised-tokens", "4", "--quiet"],
-        check=True, capture_output=True, text=True,
-    )
-    return str(out)
+    return prepare_tiny_data(chat_file(root / "c.jsonl"), tiny_llama_dir, root / "data")
 
 
 @pytest.fixture(scope="session")

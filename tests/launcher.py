@@ -102,6 +102,19 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600.0):
 
 
 # ============================================================ pretrain_dspark.py under torchrun
+def prepare_tiny_data(chats: Path, target: str, out: Path, valid_fraction: float = 0.15,
+                      min_supervised: int = 4) -> str:
+    """``tools/prepare_data.py`` on a chat file for a tiny target (64-token samples); returns
+    the dataset directory."""
+    subprocess.run(
+        [sys.executable, str(REPO / "tools/prepare_data.py"), "--input", str(chats), "--target-model", target,
+         "--output", str(out), "--max-length", "64", "--valid-fraction", str(valid_fraction),
+         "--min-supervised-tokens", str(min_supervised), "--quiet"],
+        check=True, capture_output=True, text=True,
+    )
+    return str(out)
+
+
 def chat_file(path: Path, n: int = 48) -> Path:
     """``n`` random two-turn chats (JSONL, ``messages`` form) written to ``path``."""
     import random

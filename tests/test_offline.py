@@ -83,15 +83,11 @@ def _chat_file(path: Path, n: int = 40) -> Path:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, tiny_llama_dir):
+    from tests.launcher import prepare_tiny_data
+
     root = tmp_path_factory.mktemp("offline_data")
-    out = root / "data"
-    subprocess.run(
-        [sys.executable, str(REPO / "tools/prepare_data.py"), "--input", str(_chat_file(root / "c.jsonl")),
-         "--target-model", tiny_llama_dir, "--output", str(out), "--max-length", "64",
-         "--valid-fraction", "0.2", "--min-supervised-tokens", "2", "--quiet"],
-        check=True, capture_output=True, text=True,
-    )
-    return out
+    return Path(prepare_tiny_data(_chat_file(root / "c.jsonl"), tiny_llama_dir, root / "data",
+                                  valid_fraction=0.2, min_supervised=2))
 
 
 @pytest.fixture(scope="module")
