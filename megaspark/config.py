@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from megaspark import layer_ids as layer_id_rules
+from megaspark.layer_ids import DEFAULT_NUM_TAPS
 from megaspark.blocks import CONVENTIONS
 
 # Families whose decoder block the draft reproduces (pre-norm RMSNorm, GQA or MLA, RoPE,
@@ -369,7 +370,7 @@ class DSparkConfig(AttentionShape):
         kv_channels: Optional[int] = None,
         ffn_hidden_size: Optional[int] = None,
         target_layer_ids: Optional[list] = None,
-        num_target_taps: int = 5,
+        num_target_taps: int = DEFAULT_NUM_TAPS,
         attention_type: Optional[str] = None,
         q_lora_rank: Optional[int] = None,
         kv_lora_rank: Optional[int] = None,
@@ -506,6 +507,11 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+#: The draft config's own defaults (DeepSpec's), which the flags and the export import share
+DSPARK_DEFAULTS = {f.name: f.default for f in dataclasses.fields(DSparkConfig)
+                   if f.default is not dataclasses.MISSING}
+
+
 def check_attention_flags(attention_type: Optional[str], mla_given: dict, num_query_groups: Optional[int],
                           kv_channels: Optional[int], mla_default_family: Optional[str] = None) -> None:
     """The draft-attention flags agree with ``--draft-attention`` (None: not chosen yet, then
@@ -614,7 +620,7 @@ def rope_settings(cfg) -> tuple[float, float, Optional[dict]]:
     rope_type = source.get("rope_type", source.get("type", "default")) if source else "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(
-            f"target RoPE type '{rope_type}' is not supported by the draft yet; supported: "
+            f"target RoPE type '{rope_type}' is not supported by the draft; supported: "
             f"{', '.join(SUPPORTED_ROPE_TYPES)}"
         )
     factor = float(source.get("factor", 1.0)) if rope_type == "linear" else 1.0

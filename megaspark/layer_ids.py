@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+DEFAULT_NUM_TAPS = 5  # DFlash's default number of tapped layers (--num-target-taps)
+
 
 def default_target_layer_ids(num_target_layers: int, n: int) -> list[int]:
     """DFlash default taps (DSPARK_SPEC.md §1.2) for a target with ``num_target_layers`` layers.

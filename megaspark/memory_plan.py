@@ -20,10 +20,10 @@ tensor-parallel rank, pipeline stage, data-parallel size and whether it runs the
 * **target activations** of one micro-batch in inference mode: all ``L+1`` hidden states
   (``output_hidden_states=True``), the largest per-layer working set (SDPA attention, no
   ``S×S`` scores) and the features it hands to the draft;
-* **inputs**: the draft inputs of every micro-batch of a step, which the trainer builds up
-  front (the global loss denominator needs all of them) and holds on the device for the
-  whole step: the tapped features ``[b, S, L·H]`` on the first stage, the aligned target
-  state ``[b, N, B, H]`` on the last, the block index tensors everywhere;
+* **inputs**: the draft inputs of the micro-batches in flight and one more (the trainer
+  streams them: built when the schedule asks, one prefetched): the tapped features
+  ``[b, S, L·H]`` on the first stage, the aligned target state ``[b, N, B, H]`` on the last,
+  the block index tensors everywhere;
 * **activations** of the draft in training, derived from the code (the local layer spec):
   the tensors every layer saves for backward (``T = S + N·B`` rows of the hidden state for
   the key/value side, ``N·B`` block rows elsewhere, fp32 copies where the code computes in

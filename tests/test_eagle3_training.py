@@ -193,3 +193,15 @@ def test_eagle3_with_sequence_parallelism_matches(variants, layouts, tiny_llama_
                            "--seq-length 63 and --pad-to-multiple 64 must be divisible by 2")):
         with pytest.raises(ArgumentError, match=needle):
             parse_args(base + extra, world_size=2)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--pipeline-model-parallel-size", "2", "--num-layers", "2"], "the draft is one layer"),
+    (["--target-layer-ids", "1", "2"], "taps 3 target layers, got --target-layer-ids \\[1, 2\\]"),
+    (["--transformer-impl", "transformer_engine"], "local layers: drop --fp8-format"),
+])
+def test_eagle3_flags_refused_before_anything_loads(tmp_path, extra, needle):
+    from megaspark.arguments import ArgumentError, parse_args
+
+    with pytest.raises(ArgumentError, match=needle):
+        parse_args(["--algorithm", "eagle3", "--data-path", str(tmp_path), *extra], world_size=2)

@@ -67,15 +67,12 @@ def _hf_config(target_model: str):
 
 
 def _resolve_target_dtype(args):
-    """``--target-dtype``; ``auto`` plans for a GPU run (bf16)."""
+    """``--target-dtype`` for the GPU run being planned (``auto``: bf16, as on a GPU)."""
     import torch
 
     from megaspark import platform
 
-    if args.target_dtype == "auto":
-        return torch.bfloat16
-    return platform.DTYPES[args.target_dtype] if hasattr(platform, "DTYPES") else {
-        "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.target_dtype]
+    return platform.target_dtype(args.target_dtype, args.bf16, torch.device("cuda"))
 
 
 def rank_plans(args, dcfg, hf_config, world_size: int) -> list:
@@ -87,7 +84,9 @@ def rank_plans(args, dcfg, hf_config, world_size: int) -> list:
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     dp = world_size // (tp * pp)
-    in_process_target = args.target_backend == "hf"
+    from megaspark.targets.base import IN_PROCESS_BACKENDS
+
+    in_process_target = args.target_backend in IN_PROCESS_BACKENDS
     plans = []
     for pp_rank in range(pp):
         for tp_rank in sorted({0, tp - 1}):

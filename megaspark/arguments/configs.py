@@ -11,12 +11,12 @@ from typing import Mapping, Optional
 
 import torch
 
+from megaspark import platform
 from megaspark.fp8 import Fp8Settings
 from megaspark.memory_plan import PlanSettings
 from megaspark.targets.base import TargetSpec
 from megaspark.targets.sglang import ENV_LAST_HIDDEN_URL, ENV_URL, SGLangOptions
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -143,14 +143,13 @@ def run_config(args) -> RunConfig:
 
 
 def target_dtype(args) -> torch.dtype:
-    """The target's dtype: what start-up resolved for the device (``target_dtype_resolved``),
-    else ``--target-dtype``, where ``auto`` means bf16 with ``--bf16`` and fp32 without."""
-    value = getattr(args, "target_dtype_resolved", None) or args.target_dtype
+    """The target's dtype: what start-up resolved for its device (``target_dtype_resolved``),
+    else ``--target-dtype`` by :func:`megaspark.platform.target_dtype` on this process's
+    compute device."""
+    value = getattr(args, "target_dtype_resolved", None)
     if isinstance(value, torch.dtype):
         return value
-    if value == "auto":
-        return torch.bfloat16 if args.bf16 else torch.float32
-    return _DTYPES[value]
+    return platform.target_dtype(args.target_dtype, args.bf16, platform.compute_device())
 
 
 def fp8_settings(args) -> Fp8Settings:

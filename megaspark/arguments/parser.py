@@ -12,7 +12,11 @@ from __future__ import annotations
 import argparse
 
 from megaspark.algorithms import ALGORITHMS, DEFAULT_ALGORITHM
-from megaspark.config import DEFAULT_LOSS_CHUNK_ROWS
+from megaspark.blocks import CONVENTIONS
+from megaspark.config import (ATTENTION_BACKENDS, ATTENTION_TYPES, DEFAULT_LOSS_CHUNK_ROWS, DSPARK_DEFAULTS,
+                              MARKOV_HEAD_TYPES, TRAINING_MODES)
+from megaspark.layer_ids import DEFAULT_NUM_TAPS
+from megaspark.platform import DTYPES
 from megaspark.fp8 import (DEFAULT_FP8_AMAX_COMPUTE_ALGO, DEFAULT_FP8_AMAX_HISTORY_LEN, DEFAULT_FP8_MARGIN,
                            FP8_AMAX_COMPUTE_ALGOS, FP8_FORMATS)
 from megaspark.models.dspark.te_spec import TRANSFORMER_IMPLS
@@ -53,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target-layer-ids", type=int, nargs="+", default=None,
                    help="target decoder layers to tap (0-based; id k = HF hidden_states[k+1]); "
                    "default: DFlash rule with --num-target-taps taps")
-    g.add_argument("--num-target-taps", type=int, default=5,
+    g.add_argument("--num-target-taps", type=int, default=DEFAULT_NUM_TAPS,
                    help="number of tapped target layers when --target-layer-ids is not given")
     g.add_argument("--hidden-states-dir", default=None,
                    help="with --target-backend offline: the cache written by "
@@ -71,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GQA draft layers without per-head q/k RMSNorms (default: with, for every "
                    "target family, as the DSpark drafts SGLang and vLLM build). A draft trained "
                    "without them is not served faithfully by those engines")
-    g.add_argument("--draft-attention", default=None, choices=["gqa", "mla"],
+    g.add_argument("--draft-attention", default=None, choices=list(ATTENTION_TYPES),
                    help="the draft's dual-source attention: gqa (the target's block) or mla "
                    "(DeepSeek-V3 multi-head latent attention); default: mla for DeepSeek "
                    "targets, else gqa")
@@ -90,16 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--draft-vocab-size", type=int, default=32000,
                    help="--algorithm eagle3: tokens the draft predicts (the most frequent supervised "
                    "tokens of the training data; at most the target's vocabulary)")
-    g.add_argument("--training-mode", default="standard", choices=["standard", "vp_drafter"],
+    g.add_argument("--training-mode", default="standard", choices=list(TRAINING_MODES),
                    help="vp_drafter: each block shows a sampled prefix of real tokens (D2SD / "
                    "SpecForge VP-drafter, Convention D)")
     g.add_argument("--prefix-weight-base", type=float, default=None,
-                   help="vp_drafter: P(prefix = i) ∝ base**i over [min(2, B-1), B-1] (default 0.9)")
+                   help="vp_drafter: P(prefix = i) ∝ base**i over [min(2, B-1), B-1] (default "
+                   f"{DSPARK_DEFAULTS['prefix_weight_base']})")
     g.add_argument("--block-size", type=int, default=None, help="dspark/dflash 7, dflash-original 16")
-    g.add_argument("--num-anchors", type=int, default=512, help="anchors (blocks) per sequence")
+    g.add_argument("--num-anchors", type=int, default=DSPARK_DEFAULTS["num_anchors"], help="anchors (blocks) per sequence")
     g.add_argument("--markov-rank", type=int, default=None,
                    help="Markov head rank (dspark 256); 0 disables the head")
-    g.add_argument("--markov-head-type", default="vanilla", choices=["vanilla", "gated", "rnn"])
+    g.add_argument("--markov-head-type", default="vanilla", choices=list(MARKOV_HEAD_TYPES))
     g.add_argument("--no-confidence-head", dest="confidence_head", action="store_false", default=None,
                    help="train without the confidence head (dflash presets have none)")
     g.add_argument("--confidence-without-markov", dest="confidence_with_markov",
@@ -110,19 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss-decay-gamma", type=float, default=None,
                    help="position decay exp(-k/gamma), dspark/dflash 4, dflash-original 7; "
                    "<= 0 disables decay")
-    g.add_argument("--slot-convention", default=None, choices=["S", "D"],
+    g.add_argument("--slot-convention", default=None, choices=list(CONVENTIONS),
                    help="S: slot k predicts x[a+k+1] (DSpark, DeepSpec DFlash); D: slot k "
                    "predicts x[a+k] (original DFlash)")
     g.add_argument("--no-eval-mask-truncation", dest="truncate_eval_mask", action="store_false",
                    default=None, help="do not drop slots after the first unsupervised label "
                    "(dflash-original does not truncate)")
     g.add_argument("--draft-attention-backend", default="auto",
-                   choices=["auto", "sdpa", "structured", "flex", "dense"],
+                   choices=list(ATTENTION_BACKENDS),
                    help="block attention kernel: flex (FlexAttention with a block mask from the "
                    "anchors, in the run's dtype), sdpa (scaled_dot_product_attention per chunk of "
                    "blocks with a small mask), structured (per-block context prefixes, no mask), "
                    "dense (the literal mask; reference); auto = flex on a GPU, sdpa on the CPU")
-    g.add_argument("--attention-chunk-blocks", type=int, default=16,
+    g.add_argument("--attention-chunk-blocks", type=int, default=DSPARK_DEFAULTS["attention_chunk_blocks"],
                    help="blocks per call of the sdpa / structured attention kernels (bounds the "
                    "attention's temporaries; each chunk's context is cut at its longest prefix)")
     g.add_argument("--loss-chunk-rows", type=int, default=DEFAULT_LOSS_CHUNK_ROWS,
@@ -179,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
                    help="compute device of every rank: auto = this rank's GPU (LOCAL_RANK) when "
                    "there is one, else the CPU")
-    g.add_argument("--target-dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+    g.add_argument("--target-dtype", default="auto", choices=["auto", *DTYPES],
                    help="dtype the target runs in and its features travel in: auto = bf16 with "
                    "--bf16 or on a GPU, fp32 otherwise")
     g.add_argument("--memory-budget-gb", type=float, default=None,

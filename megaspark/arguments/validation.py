@@ -12,7 +12,7 @@ import warnings
 
 from megaspark import platform
 from megaspark.algorithms import ALGORITHMS, DEFAULT_ALGORITHM, Algorithm
-from megaspark.config import MLA_FLAGS, ConfigError, check_algorithm, check_attention_flags
+from megaspark.config import DSPARK_DEFAULTS, MLA_FLAGS, ConfigError, check_algorithm, check_attention_flags
 from megaspark.errors import ArgumentError
 from megaspark.fp8 import (DEFAULT_FP8_AMAX_COMPUTE_ALGO, DEFAULT_FP8_AMAX_HISTORY_LEN, DEFAULT_FP8_MARGIN,
                            FP8_AMAX_COMPUTE_ALGOS, FP8_FORMATS)
@@ -59,7 +59,7 @@ def validate_args(args, world_size: int) -> None:
     need(args.pad_to_multiple >= 0, "--pad-to-multiple must be >= 0")
     if args.sequence_parallel:
         need(args.algorithm == "eagle3", "--sequence-parallel is built for --algorithm eagle3 only "
-             "(the DSpark draft has no sequence-parallel layers yet)")
+             "(the DSpark draft's layers are not sequence-parallel)")
         need(tp > 1, "--sequence-parallel needs --tensor-model-parallel-size > 1")
         need(args.seq_length % tp == 0 and args.pad_to_multiple % tp == 0,
              f"--sequence-parallel splits every micro-batch's sequence over {tp} TP ranks: --seq-length "
@@ -120,13 +120,20 @@ def validate_args(args, world_size: int) -> None:
                  f"({args.num_microbatches}) to be a multiple of --pipeline-model-parallel-size {pp}")
     conf_alpha_given = args.confidence_loss_alpha
     resolve_algorithm(args)
+    if args.algorithm == "eagle3":
+        need(pp == 1, "--algorithm eagle3: the draft is one layer; use --pipeline-model-parallel-size 1")
+        need(args.target_layer_ids is None or len(args.target_layer_ids) == 3,
+             f"--algorithm eagle3 taps 3 target layers, got --target-layer-ids {args.target_layer_ids}")
+        need(args.fp8_format is None and args.transformer_impl != "transformer_engine",
+             "--algorithm eagle3 is built from megatron-core's local layers: drop --fp8-format / "
+             "--transformer-impl transformer_engine")
     need(args.confidence_head or not conf_alpha_given,
          f"--confidence-loss-alpha {conf_alpha_given} has no effect without a confidence head "
          f"(--algorithm {args.algorithm}{' / --no-confidence-head' if args.algorithm == 'dspark' else ''})")
     need(args.training_mode == "vp_drafter" or args.prefix_weight_base is None,
          "--prefix-weight-base only applies to --training-mode vp_drafter")
     if args.prefix_weight_base is None:
-        args.prefix_weight_base = 0.9
+        args.prefix_weight_base = DSPARK_DEFAULTS["prefix_weight_base"]
     mla_given = {f: getattr(args, f) for f in MLA_FLAGS}
     rules(check_attention_flags, args.draft_attention, mla_given, args.num_query_groups, args.kv_channels)
     rules(check_algorithm, args.block_size, args.num_anchors, args.markov_rank, args.confidence_head,

@@ -1,4 +1,4 @@
-"""Draft vocabularies for Eagle3 drafts (issue 16): the ``N`` target tokens the draft's LM
+"""Draft vocabularies for Eagle3 drafts: the ``N`` target tokens the draft's LM
 head predicts, chosen by their frequency among the supervised tokens of a prepared
 dataset, and the two mappings engines load with the draft.
 

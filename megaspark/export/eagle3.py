@@ -1,4 +1,4 @@
-"""Eagle3 drafts in the format SGLang, vLLM and SpecForge load (issue 16, item 4).
+"""Eagle3 drafts in the format SGLang, vLLM and SpecForge load.
 
 A directory with ``config.json`` and ``model.safetensors``:
 

@@ -75,7 +75,7 @@ import types
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from megaspark.config import MLA_FLAGS, SUPPORTED_FAMILIES, ConfigError, DSparkConfig, rope_settings
+from megaspark.config import DSPARK_DEFAULTS, MLA_FLAGS, SUPPORTED_FAMILIES, ConfigError, DSparkConfig, rope_settings
 from megaspark.export.tensors import ExportError
 
 _REQUIRED = object()
@@ -171,7 +171,7 @@ ALGORITHM_FIELDS = (
     Field("target_layer_ids", "target_layer_ids", "dflash_config.target_layer_ids"),
     Field("block_size", "block_size"),
     Field("mask_token_id", "mask_token_id", "dflash_config.mask_token_id"),
-    Field("num_anchors", "num_anchors", default=512),
+    Field("num_anchors", "num_anchors", default=DSPARK_DEFAULTS["num_anchors"]),
     Field("markov_rank", "markov_rank", "dflash_config.markov_rank", default=0),
     Field("markov_head_type", "markov_head_type", "dflash_config.markov_head_type",
           written=lambda d: d.has_markov, default="vanilla"),
@@ -189,13 +189,14 @@ ALGORITHM_FIELDS = (
     Field("training_mode", "training_mode", "dflash_config.training_mode",
           written=lambda d: d.training_mode != "standard", default="standard"),
     Field("prefix_weight_base", "prefix_weight_base", "dflash_config.prefix_weight_base",
-          written=lambda d: d.training_mode == "vp_drafter", default=0.9),
+          written=lambda d: d.training_mode == "vp_drafter", default=DSPARK_DEFAULTS["prefix_weight_base"]),
     # training-only settings, kept so that a re-import reproduces the run's config
     Field("truncate_eval_mask", "megaspark.truncate_eval_mask", default=True),
     Field("attention_backend", "megaspark.attention_backend", default="structured"),
-    Field("attention_chunk_blocks", "megaspark.attention_chunk_blocks", default=16),
-    Field("loss_chunk_rows", "megaspark.loss_chunk_rows", default=1024),
-    Field("init_std", "megaspark.init_std", default=0.02),
+    Field("attention_chunk_blocks", "megaspark.attention_chunk_blocks",
+          default=DSPARK_DEFAULTS["attention_chunk_blocks"]),
+    Field("loss_chunk_rows", "megaspark.loss_chunk_rows", default=DSPARK_DEFAULTS["loss_chunk_rows"]),
+    Field("init_std", "megaspark.init_std", default=DSPARK_DEFAULTS["init_std"]),
 )
 
 FAMILY_ARCHITECTURES = {

@@ -1,4 +1,4 @@
-"""Speculative decoding with an Eagle3 draft (issue 16, item 5): chain drafting of
+"""Speculative decoding with an Eagle3 draft: chain drafting of
 ``num_speculative_tokens`` tokens per round against an HF target, batch size 1, lossless at
 any temperature (the verification of :mod:`megaspark.inference.sampling`).
 

@@ -7,9 +7,9 @@ returns what the draft trains on (DESIGN.md §3, DSPARK_SPEC.md §1.1–1.2):
   layers ``layer_ids``, concatenated along the feature axis in id order. Layer id
   ``k`` is the output of decoder layer ``k`` == HF ``hidden_states[k + 1]``.
 * ``last_hidden_states`` ``[b, S, H]``: the target's final hidden state *after* its
-  final norm (what its LM head consumes). A provider that can only produce the
-  pre-norm state sets ``last_hidden_is_post_norm = False`` and returns the norm from
-  :meth:`TargetProvider.final_norm`, which the trainer then applies.
+  final norm (what its LM head consumes). Every provider returns the post-norm state
+  (``last_hidden_is_post_norm``); start-up refuses one that does not (its
+  :meth:`TargetProvider.final_norm` would be needed, and the trainer does not apply it).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from torch import Tensor
 
-from megaspark.layer_ids import default_target_layer_ids, validate_target_layer_ids
+from megaspark.layer_ids import DEFAULT_NUM_TAPS, default_target_layer_ids, validate_target_layer_ids
 
 # Config keys that do not change what the target computes (paths, bookkeeping,
 # runtime choices): left out of the fingerprint so that it is stable across machines.
@@ -32,8 +32,6 @@ _VOLATILE_CONFIG_KEYS = frozenset({
     "return_dict", "quantization_config", "_experts_implementation",
 })
 
-
-DEFAULT_NUM_TAPS = 5
 
 
 def resolve_layer_ids(layer_ids: Optional[Sequence[int]], num_target_layers: int) -> list[int]:
@@ -62,6 +60,11 @@ class TargetSpec:
     data_path: Optional[str] = None          # offline: the dataset the cache was written for
     mem_fraction_static: Optional[float] = None  # SGLang's weights + KV share (None: planned)
     server: Any = None                       # sglang-server: its SGLangOptions
+
+
+#: Backends whose target runs in the trainer's processes (its weights and activations count in
+#: a rank's memory plan); the others read a cache or ask a server.
+IN_PROCESS_BACKENDS = ("hf", "sglang")
 
 
 class TargetError(RuntimeError):

@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from megaspark.data.dataset import SPLITS
 from megaspark.fileio import atomic_write_text, file_sha256
 
 from .base import TargetOutput, TargetProvider, resolve_layer_ids
@@ -62,7 +63,6 @@ FORMAT_NAME = "megaspark-hidden-states"
 FLAG = "--hidden-states-dir"
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "cache_config.json"
-SPLITS = ("train", "valid")
 
 #: storage dtype names (``--dtype``) -> torch dtype, and torch dtype -> safetensors code
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}

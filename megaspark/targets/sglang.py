@@ -88,10 +88,9 @@ from torch import Tensor
 
 from .base import TargetOutput, TargetProvider, resolve_layer_ids, validate_target_layer_ids
 from .checkpoint import CheckpointWeights, TargetCheckpoint
+from .sglang_runtime import SGLANG_VERSION  # the release whose API this client was written against
 
 FLAG = "--target-backend sglang-server"
-#: The SGLang release whose API this adapter was written against (read from its wheel).
-SGLANG_VERSION = "0.5.23"
 PIP_INSTALL = f'pip install "sglang=={SGLANG_VERSION}"  (or: pip install -e ".[gpu]")'
 #: Capture convention passed as ``speculative_algorithm`` in aux mode: the DSpark hook is
 #: the one a served DSpark draft uses (falls back to the DFlash hook where a model has no

@@ -1,9 +1,11 @@
 """From token batches to draft inputs: anchors, blocks, target hidden states, denominator.
 
 One optimizer step on one data-parallel rank consumes ``num_microbatches`` micro-batches.
-:func:`prepare_micro_batches` builds all of them up front, because the loss denominator is global
-(DESIGN.md decision 3): Σω over every micro-batch of the step on every DP rank, which
-depends only on the data and the sampled anchors, so it is known before any forward.
+Their blocks are built on the host up front (:func:`build_host_blocks`), because the loss
+denominator is global (DESIGN.md decision 3): Σω over every micro-batch of the step on every
+DP rank, which depends only on the data and the sampled anchors, so it is known before any
+forward. The device inputs, target features included, are built per micro-batch when the
+schedule asks for them (:class:`StepInputs`).
 
 Blocks are built on the host (they need only token ids and seeded generators) and moved
 once to the compute device. The target runs on one rank per model replica, TP rank 0 of the

@@ -333,7 +333,7 @@ class Checkpointer:
         diff = {k: (theirs[k], ours[k]) for k in ours if theirs.get(k) != ours[k]}
         if diff:
             detail = ", ".join(f"{k}: checkpoint {a} vs run {b}" for k, (a, b) in diff.items())
-            hint = ("; q/k norms are on by default since drafts became serving-compatible: add "
+            hint = ("; drafts have q/k norms by default (as the engines serve them): add "
                     "--no-qk-norm to continue a draft trained without them"
                     if diff.get("qk_norm") == (False, True) else "")
             raise CheckpointError(f"--load checkpoint has a different draft shape ({detail}){hint}")

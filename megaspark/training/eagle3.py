@@ -1,4 +1,4 @@
-"""``--algorithm eagle3`` on the training loop (issue 16): the draft, its step inputs and its
+"""``--algorithm eagle3`` on the training loop: the draft, its step inputs and its
 loss, plugged into :class:`megaspark.training.trainer.Trainer`.
 
 One step: every micro-batch's target features are computed (on the ranks that run the
@@ -166,13 +166,8 @@ def run(args, hf_config, dcfg):
     from megaspark.training.startup import load_target, log0, open_datasets
     from megaspark.training.trainer import wrap_ddp
 
-    if args.pipeline_model_parallel_size != 1:
-        raise ValueError("--algorithm eagle3: the draft is one layer; use --pipeline-model-parallel-size 1")
     e = eagle3_config(args, hf_config, dcfg)
     args.target_layer_ids_resolved = list(args.target_layer_ids or default_layer_ids(hf_config.num_hidden_layers))
-    if len(args.target_layer_ids_resolved) != 3:
-        raise ValueError(f"--algorithm eagle3 taps 3 target layers, got --target-layer-ids "
-                         f"{args.target_layer_ids_resolved}")
     args.target_dtype_resolved = platform.target_dtype(args.target_dtype, args.bf16, platform.compute_device())
     args.target_tp_resolved = 1
     target_info, target = load_target(args, build=computes_target(1))

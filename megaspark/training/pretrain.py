@@ -1,7 +1,9 @@
 """``pretrain``: start-up order of a run (the library half of ``pretrain_dspark.py``).
 
-Flags are validated before anything heavy; then process groups, the target (its config
-decides the draft's shape), the draft, optimizer and data; then resume and the loop.
+Flags are validated before anything heavy; then the target is resolved, the process groups
+made, the draft's config derived from the target's (and checked), the memory plan checked,
+the target built where it runs, the data checked against it, the resume point chosen, the
+draft, DDP and optimizer built, and the loop run (docs/architecture.md, "Start-up").
 """
 
 from __future__ import annotations
@@ -182,7 +184,10 @@ def pretrain(model_provider, forward_step, argv=None):
                       f"(--target-tensor-parallel-size 1)", flush=True)
             args.target_tp_resolved = 1
     runs_target = computes_target(args.target_tp_resolved)
-    check_memory_plan(args, dcfg, hf_config, runs_target)  # before any weights
+    from megaspark.targets.base import IN_PROCESS_BACKENDS
+
+    check_memory_plan(args, dcfg, hf_config,  # before any weights
+                      runs_target and args.target_backend in IN_PROCESS_BACKENDS)
     target_info, target = load_target(args, build=runs_target)
     if args.mask_token_id is None:
         dcfg.mask_token_id = default_mask_token_id(target_info.tokenizer, hf_config)

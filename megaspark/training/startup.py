@@ -26,6 +26,9 @@ def load_target(args, build: bool):
     if build:
         try:
             provider = _build_provider(args)
+            if not provider.last_hidden_is_post_norm:
+                raise TargetError(f"{type(provider).__name__} returns the target's pre-norm last hidden "
+                                  "state; the trainer takes the post-final-norm state only")
             print(f"rank {torch.distributed.get_rank()}: target {type(provider).__name__} built on "
                   f"{platform.compute_device()} in {args.target_dtype_resolved}", flush=True)
         except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
