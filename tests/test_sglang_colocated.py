@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,11 @@ from tests.sglang_marks import needs_sglang
 from tests.launcher import base_flags, losses, ok, run
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def built_lines(stdout: str) -> list:
+    """The ranks' "target ... built on" lines, whatever else the ranks printed around them."""
+    return sorted(re.findall(r"rank \d+: target \w+ built on \w+ in torch\.[a-z]+\d+", stdout))
 
 
 def _parity(model, *layer_ids):
@@ -87,7 +93,7 @@ def test_training_through_sglang_matches_hf(tmp_path, tiny_llama_dir, data_dir, 
                 timeout=600)
         ok(r)
         got[name] = losses(log)
-        built = sorted(l for l in r.stdout.splitlines() if "target" in l and "built on" in l)
+        built = built_lines(r.stdout)
         kind = "HFTargetProvider" if name == "hf" else "SGLangColocatedProvider"
         ranks = [0, 1] if name == "sglang" and tp == 2 else [0]
         assert built == [f"rank {k}: target {kind} built on cpu in torch.float32" for k in ranks], built
@@ -156,7 +162,7 @@ def test_target_whose_heads_do_not_split_runs_on_tp_rank_0(tmp_path):
     r = run(4, *flags)
     ok(r)
     assert "attention heads do not split over TP 4: SGLang runs it whole on TP rank 0" in r.stdout
-    built = [l for l in r.stdout.splitlines() if "built on" in l]
+    built = built_lines(r.stdout)
     assert built == ["rank 0: target SGLangColocatedProvider built on cpu in torch.float32"], built
     r = run(4, *flags, "--target-tensor-parallel-size", "4")
     assert r.returncode != 0

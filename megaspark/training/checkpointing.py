@@ -37,6 +37,7 @@ from megaspark.checkpoint_files import (
     write_manifest,
 )
 from megaspark.fileio import atomic_write_text
+from megaspark.training.logging import print_line
 from megaspark.training.resilience import fault
 
 
@@ -110,7 +111,7 @@ def choose_resume(config) -> Optional[str]:
         raise CheckpointError(error)
     for p in problems:
         if rank0:
-            print(f"megaspark: checkpoint not usable, skipped: {p}", flush=True)
+            print_line(f"megaspark: checkpoint not usable, skipped: {p}")
     if path is None:
         if load:
             raise CheckpointError(f"--load {load}: no intact megaspark checkpoint there"
@@ -118,10 +119,10 @@ def choose_resume(config) -> Optional[str]:
         return None
     if rank0:
         if note:
-            print(f"megaspark: {note}", flush=True)
+            print_line(f"megaspark: {note}")
         how = "--load" if load and not note else "auto-resume (--no-auto-resume starts afresh)"
-        print(f"megaspark: {how}: resuming from {path}"
-              + (" (the newest intact checkpoint)" if problems else ""), flush=True)
+        print_line(f"megaspark: {how}: resuming from {path}"
+                   + (" (the newest intact checkpoint)" if problems else ""))
     return path
 
 
@@ -248,7 +249,7 @@ class Checkpointer:
                 if self._best_pending == it:
                     atomic_write_text(os.path.join(root, "best"), name)
                 self._rotate(root)
-                print(f"saved checkpoint {final}", flush=True)
+                print_line(f"saved checkpoint {final}")
             except Exception as e:  # noqa: BLE001
                 error = f"{type(e).__name__}: {e}"
         self._raise_if_failed(error, name, tmp)
@@ -365,4 +366,4 @@ class Checkpointer:
         if os.path.isfile(rng_file):
             torch.set_rng_state(torch.load(rng_file, weights_only=False)["cpu"])
         if torch.distributed.get_rank() == 0:
-            print(f"resumed from {ckpt} at iteration {trainer.state.iteration}", flush=True)
+            print_line(f"resumed from {ckpt} at iteration {trainer.state.iteration}")

@@ -24,6 +24,15 @@ _CONSOLE_KEYS = (
 )
 
 
+def print_line(text: str, file=None) -> None:
+    """Print one line with a single ``write`` and flush it. Lines printed by several ranks
+    into one pipe then never interleave mid-line (``print`` writes the text and the newline
+    separately, which an unbuffered stream passes on as two writes)."""
+    file = file or sys.stdout
+    file.write(text + "\n")
+    file.flush()
+
+
 def _fmt_eta(seconds: float) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "?"
@@ -73,7 +82,7 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.write(line, file=sys.stdout)
         else:
-            print(line, flush=True)
+            print_line(line)
 
     def log_train(self, iteration: int, metrics: dict) -> None:
         if not self.enabled:

@@ -13,6 +13,7 @@ import torch
 from megaspark import platform
 from megaspark.arguments import ArgumentError, parse_args
 from megaspark.arguments.configs import run_config
+from megaspark.training.logging import print_line
 from megaspark.training.startup import load_target, log0, open_datasets  # noqa: F401 (load_target: API)
 
 
@@ -50,7 +51,7 @@ def check_memory_plan(args, dcfg, hf_config, runs_target: bool) -> None:
             head, _, body = text.partition("\n")
             by_body.setdefault(body, (head, []))[1].append(r)
         for body, (head, ranks) in by_body.items():
-            print(f"{head} [ranks {', '.join(map(str, ranks))}]\n{body}", flush=True)
+            print_line(f"{head} [ranks {', '.join(map(str, ranks))}]\n{body}")
     failed = [(r, e) for r, _, e in gathered if e is not None]
     if failed:
         r, e = failed[0]
@@ -152,11 +153,10 @@ def pretrain(model_provider, forward_step, argv=None):
 
         return run(args, hf_config, dcfg)
     if not dcfg.qk_norm and dcfg.attention_type == "gqa" and torch.distributed.get_rank() == 0:
-        print("megaspark: warning: --no-qk-norm: the draft layers have no per-head q/k norms. "
-              "SGLang and vLLM build DSpark drafts with them and would serve this draft with norms "
-              "of weight 1 (still lossless, but proposing other tokens than trained: acceptance "
-              "collapses); its export gets a *DSparkModel name the engines do not load.",
-              flush=True)
+        print_line("megaspark: warning: --no-qk-norm: the draft layers have no per-head q/k norms. "
+                   "SGLang and vLLM build DSpark drafts with them and would serve this draft with norms "
+                   "of weight 1 (still lossless, but proposing other tokens than trained: acceptance "
+                   "collapses); its export gets a *DSparkModel name the engines do not load.")
     args.target_layer_ids_resolved = list(dcfg.target_layer_ids)
     if args.mask_token_id is not None:
         dcfg.mask_token_id = args.mask_token_id
@@ -179,9 +179,9 @@ def pretrain(model_provider, forward_step, argv=None):
                     f"--target-tensor-parallel-size {args.target_tp_resolved}: the target's {heads} "
                     f"attention heads do not split that way; use 1 (whole target on TP rank 0)")
             if torch.distributed.get_rank() == 0:
-                print(f"megaspark: the target's {heads} attention heads do not split over TP "
-                      f"{args.target_tp_resolved}: SGLang runs it whole on TP rank 0 "
-                      f"(--target-tensor-parallel-size 1)", flush=True)
+                print_line(f"megaspark: the target's {heads} attention heads do not split over TP "
+                           f"{args.target_tp_resolved}: SGLang runs it whole on TP rank 0 "
+                           f"(--target-tensor-parallel-size 1)")
             args.target_tp_resolved = 1
     runs_target = computes_target(args.target_tp_resolved)
     from megaspark.targets.base import IN_PROCESS_BACKENDS

@@ -20,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from megaspark.training.logging import print_line
+
 #: signals that ask a run to save and exit (Slurm: ``--signal=USR1@<seconds>``)
 EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -190,8 +192,8 @@ def fault(point: str, iteration: int) -> None:
         if action == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"(injected at {point})")
         if action == "hang":
-            print(f"rank {_rank()}: injected hang at {point} of iteration {iteration} "
-                  f"(t={time.time():.3f})", flush=True)
+            print_line(f"rank {_rank()}: injected hang at {point} of iteration {iteration} "
+                       f"(t={time.time():.3f})")
             while True:
                 time.sleep(3600)
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 import torch
 
 from megaspark import platform
+from megaspark.training.logging import print_line
 
 
 def log0(msg: str) -> None:
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        print(msg, flush=True)
+        print_line(msg)
 
 def load_target(args, build: bool):
     """(:class:`TargetInfo` on every rank, the target provider of --target-backend on the ranks
@@ -29,8 +30,8 @@ def load_target(args, build: bool):
             if not provider.last_hidden_is_post_norm:
                 raise TargetError(f"{type(provider).__name__} returns the target's pre-norm last hidden "
                                   "state; the trainer takes the post-final-norm state only")
-            print(f"rank {torch.distributed.get_rank()}: target {type(provider).__name__} built on "
-                  f"{platform.compute_device()} in {args.target_dtype_resolved}", flush=True)
+            print_line(f"rank {torch.distributed.get_rank()}: target {type(provider).__name__} built on "
+                       f"{platform.compute_device()} in {args.target_dtype_resolved}")
         except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
             error = e
     status = [None] * torch.distributed.get_world_size()

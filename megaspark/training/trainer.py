@@ -29,7 +29,7 @@ from megaspark import platform
 from megaspark.losses import metrics_to_host, stack_metrics
 from megaspark.training import resilience
 from megaspark.training.batches import StepInputs, build_host_blocks, collate_micro_batch
-from megaspark.training.logging import MetricsLogger
+from megaspark.training.logging import MetricsLogger, print_line
 
 
 @dataclass
@@ -256,9 +256,8 @@ class Trainer:
         allowed = self.cfg.exit.skip_nonfinite_steps
         if self.state.skipped_nonfinite < allowed:
             self.state.skipped_nonfinite += 1
-            print(f"megaspark: rank {self.rank}: iteration {it} skipped: {what}; the optimizer was "
-                  f"not stepped ({self.state.skipped_nonfinite} of --skip-nonfinite-steps {allowed} used)",
-                  flush=True)
+            print_line(f"megaspark: rank {self.rank}: iteration {it} skipped: {what}; the optimizer was "
+                       f"not stepped ({self.state.skipped_nonfinite} of --skip-nonfinite-steps {allowed} used)")
             for chunk in self.ddp_chunks:
                 chunk.zero_grad_buffer()
             return
@@ -266,7 +265,7 @@ class Trainer:
         if self.cfg.checkpoint.save and os.path.isfile(os.path.join(self.cfg.checkpoint.save, "latest")):
             with open(os.path.join(self.cfg.checkpoint.save, "latest")) as f:
                 latest = os.path.join(self.cfg.checkpoint.save, f.read().strip())
-        print(f"megaspark: rank {self.rank}: stopping in iteration {it} (non-finite)", flush=True)
+        print_line(f"megaspark: rank {self.rank}: stopping in iteration {it} (non-finite)")
         torch.distributed.barrier()  # every rank has said so before any exits
         raise resilience.NonFiniteStepError(
             f"iteration {it}: {what}. Stopped without saving"
@@ -383,9 +382,9 @@ class Trainer:
                 if checkpointer is not None and not saved:
                     self._save(checkpointer)
                 if self.rank == 0:
-                    print(f"megaspark: {exit_reason}: stopped at iteration {it}"
-                          + (f" after saving {os.path.join(self.cfg.checkpoint.save, f'iter_{it:07d}')}"
-                             if checkpointer is not None else " (no --save: nothing saved)"), flush=True)
+                    print_line(f"megaspark: {exit_reason}: stopped at iteration {it}"
+                               + (f" after saving {os.path.join(self.cfg.checkpoint.save, f'iter_{it:07d}')}"
+                               if checkpointer is not None else " (no --save: nothing saved)"))
                 self.state.exit_reason = exit_reason
                 self.logger.close()
                 return self.state
