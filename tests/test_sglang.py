@@ -271,9 +271,18 @@ def test_fails_fast_without_sglang_with_install_hint(tiny_qwen3_dir, monkeypatch
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sglang" else real(name, *a))
     with pytest.raises(RuntimeError, match="--target-backend sglang") as e:
         sg.SGLangTargetProvider(tiny_qwen3_dir)
-    assert "pip install" in str(e.value) and "sglang==" in str(e.value)
+    assert "tools/install.sh --with-sglang" in str(e.value) and "0.5.23" in str(e.value)
+    assert "--sglang-url" in str(e.value)  # the server alternative
     # with a server URL the trainer process does not import sglang
     sg.check_sglang_available(need_import=False)
+    # the co-located backend is refused by the flag validator with the same install message
+    from megaspark.arguments import ArgumentError, parse_args
+
+    with pytest.raises(ArgumentError) as e:
+        parse_args(["--target-model", str(tiny_qwen3_dir), "--data-path", str(tiny_qwen3_dir),
+                    "--target-backend", "sglang"])
+    assert "--target-backend sglang needs the sglang package (0.5.23)" in str(e.value)
+    assert "tools/install.sh --with-sglang" in str(e.value) and "--target-backend hf" in str(e.value)
 
 
 # ------------------------------------------------------------------ the provider, end to end

@@ -213,7 +213,7 @@ def test_dockerfile_pins():
     assert "FROM ${BASE_IMAGE}" in text and "ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:" in text
     for pin in ("SGLANG_VERSION=0.5.23", "MEGATRON_CORE_VERSION=", "TRANSFORMER_ENGINE_VERSION="):
         assert pin in text
-    from megaspark.targets.sglang import SGLANG_VERSION
+    from megaspark.targets.sglang_runtime import SGLANG_VERSION
 
     assert f"SGLANG_VERSION={SGLANG_VERSION}" in text  # the image carries the API the adapter reads
 

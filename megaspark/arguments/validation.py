@@ -6,7 +6,6 @@ here (:func:`megaspark.config.check_algorithm`, :func:`~megaspark.config.check_a
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import warnings
 
@@ -17,7 +16,7 @@ from megaspark.errors import ArgumentError
 from megaspark.fp8 import (DEFAULT_FP8_AMAX_COMPUTE_ALGO, DEFAULT_FP8_AMAX_HISTORY_LEN, DEFAULT_FP8_MARGIN,
                            FP8_AMAX_COMPUTE_ALGOS, FP8_FORMATS)
 from megaspark.models.dspark import te_spec
-from megaspark.targets.sglang_runtime import INSTALL_HINT, SGLANG_VERSION
+from megaspark.targets.sglang_runtime import missing_message
 
 
 def need(ok: bool, message: str) -> None:
@@ -159,9 +158,8 @@ def validate_args(args, world_size: int) -> None:
     # default: the target shares the draft's tensor-parallel ranks
     args.target_tp_resolved = (tp if ttp is None else ttp) if args.target_backend == "sglang" else 1
     if args.target_backend == "sglang":
-        need(importlib.util.find_spec("sglang") is not None,
-             f"--target-backend sglang needs the sglang package ({SGLANG_VERSION}), which is not "
-             f"installed: `{INSTALL_HINT}` (or --target-backend hf)")
+        missing = missing_message("--target-backend sglang", "; or use --target-backend hf")
+        need(missing is None, missing)
     need(args.target_backend != "offline" or args.hidden_states_dir is not None,
          "--target-backend offline needs --hidden-states-dir DIR (run tools/precompute_hidden_states.py)")
     need(args.hidden_states_dir is None or args.target_backend == "offline",

@@ -88,10 +88,8 @@ from torch import Tensor
 
 from .base import TargetOutput, TargetProvider, resolve_layer_ids, validate_target_layer_ids
 from .checkpoint import CheckpointWeights, TargetCheckpoint
-from .sglang_runtime import SGLANG_VERSION  # the release whose API this client was written against
 
 FLAG = "--target-backend sglang-server"
-PIP_INSTALL = f'pip install "sglang=={SGLANG_VERSION}"  (or: pip install -e ".[gpu]")'
 #: Capture convention passed as ``speculative_algorithm`` in aux mode: the DSpark hook is
 #: the one a served DSpark draft uses (falls back to the DFlash hook where a model has no
 #: DSpark-specific one — same ``k + 1`` convention).
@@ -459,13 +457,11 @@ def check_sglang_available(need_import: bool = True, device: str = "cuda") -> No
         return
     platform.require_gpu(FLAG, "an SGLang server")
     if need_import:
-        import importlib.util
+        from .sglang_runtime import missing_message
 
-        if importlib.util.find_spec("sglang") is None:
-            raise RuntimeError(
-                f"{FLAG} needs the sglang package, which is not installed. Install it with "
-                f"{PIP_INSTALL}, or use the GPU image (docker/Dockerfile), or point "
-                f"--sglang-url / {ENV_URL} at a running SGLang server.")
+        missing = missing_message(FLAG, f", or point --sglang-url / {ENV_URL} at a running SGLang server")
+        if missing:
+            raise RuntimeError(missing)
 
 
 def check_server_info(info: Mapping, expected: Mapping[str, Any], url: str = "") -> None:

@@ -89,13 +89,21 @@ def prepare_environment(device_type: str) -> list[str]:
     return used
 
 
+def missing_message(flag: str, alternative: str = "") -> Optional[str]:
+    """None where the sglang package is installed; otherwise the one message, naming
+    ``flag``, that says how to install it (``alternative``: what else the user can do)."""
+    if importlib.util.find_spec("sglang") is not None:
+        return None
+    return (f"{flag} needs the sglang package ({SGLANG_VERSION}), which is not installed. "
+            f"Install it with `{INSTALL_HINT}` (CPU: the pinned CPU torch is kept), or use "
+            f"the GPU image (docker/Dockerfile){alternative}.")
+
+
 def check_available(device_type: str, flag: str) -> None:
     """Fail fast, naming ``flag``, when SGLang cannot be imported here."""
-    if importlib.util.find_spec("sglang") is None:
-        raise RuntimeError(
-            f"{flag} needs the sglang package ({SGLANG_VERSION}), which is not installed. "
-            f"Install it with `{INSTALL_HINT}` (CPU: the pinned CPU torch is kept), or use "
-            f"the GPU image (docker/Dockerfile).")
+    missing = missing_message(flag)
+    if missing:
+        raise RuntimeError(missing)
     prepare_environment(device_type)
     try:
         import sglang  # noqa: F401
@@ -340,7 +348,7 @@ def _contained():
             logging.getLogger(n).setLevel(lvl)
 
 
-__all__ = ["SGLangModelRunner", "SGLangDraft", "check_draft_in_sglang", "prepare_environment", "check_available", "SGLANG_VERSION", "STAND_INS"]
+__all__ = ["SGLangModelRunner", "SGLangDraft", "check_draft_in_sglang", "prepare_environment", "check_available", "missing_message", "SGLANG_VERSION", "STAND_INS"]
 
 
 # ---------------------------------------------------------------------------------------
