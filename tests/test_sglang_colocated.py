@@ -143,6 +143,22 @@ def test_stand_ins_import_but_refuse_calls(tmp_path):
     assert "REFUSED sgl_kernel.copy_all_layer_kv_cache_cpu was called" in r.stdout
 
 
+def test_resolve_target_tp_rule():
+    """The one rule for the co-located target's TP size (start-up and the provider use it)."""
+    from types import SimpleNamespace
+
+    from megaspark.errors import ArgumentError
+    from megaspark.targets.sglang_colocated import resolve_target_tp
+
+    six_heads = SimpleNamespace(num_attention_heads=6)
+    assert resolve_target_tp(six_heads, None, 2) == (2, None)  # default: the draft's TP
+    assert resolve_target_tp(six_heads, 1, 2) == (1, None)
+    ttp, note = resolve_target_tp(six_heads, None, 4)  # 6 heads over 4: whole on TP rank 0
+    assert ttp == 1 and "do not split over TP 4: SGLang runs it whole on TP rank 0" in note
+    with pytest.raises(ArgumentError, match="--target-tensor-parallel-size 4: the target's 6 attention"):
+        resolve_target_tp(six_heads, 4, 4)  # asked for explicitly: refused
+
+
 @needs_sglang
 def test_target_whose_heads_do_not_split_runs_on_tp_rank_0(tmp_path):
     """A 6-head target at TP 4 (SmolLM2 has 9 heads): the default target TP falls back to 1

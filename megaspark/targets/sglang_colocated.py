@@ -28,10 +28,12 @@ The disaggregated alternative, a separate SGLang server reached over HTTP, is
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from megaspark.errors import ArgumentError
 
 from .base import TargetOutput, TargetProvider, resolve_layer_ids
 from .checkpoint import CheckpointWeights
@@ -125,6 +127,22 @@ def memory_fraction(hf_config, dtype_bytes: int, max_tokens: int, target_tp: int
     return round(frac, 4)
 
 
+def resolve_target_tp(hf_config, requested: Optional[int], default: int) -> Tuple[int, Optional[str]]:
+    """(tensor-parallel size of the co-located target, a note for the log or None).
+    ``requested`` (``--target-tensor-parallel-size``) must divide the target's attention heads;
+    the ``default`` (the draft's TP size) falls back to 1, the whole target on TP rank 0, with
+    a note when it does not."""
+    heads = int(hf_config.num_attention_heads)
+    ttp = int(default if requested is None else requested)
+    if ttp <= 1 or heads % ttp == 0:
+        return ttp, None
+    if requested is not None:
+        raise ArgumentError(f"--target-tensor-parallel-size {ttp}: the target's {heads} attention heads "
+                            f"do not split that way; use 1 (whole target on TP rank 0)")
+    return 1, (f"megaspark: the target's {heads} attention heads do not split over TP {ttp}: SGLang runs "
+               f"it whole on TP rank 0 (--target-tensor-parallel-size 1)")
+
+
 def build_colocated_target(spec, device) -> SGLangColocatedProvider:
     """What start-up calls for ``--target-backend sglang`` (a :class:`~.base.TargetSpec`): one
     prefill per micro-batch (``micro_batch_size x context_length`` tokens of KV pool); with a
@@ -145,10 +163,7 @@ def build_colocated_target(spec, device) -> SGLangColocatedProvider:
     if ttp > 1:
         from megatron.core import parallel_state
 
-        heads = int(cfg.num_attention_heads)
-        if heads % ttp:
-            raise ValueError(f"{FLAG}: the target's {heads} attention heads do not split over "
-                             f"--target-tensor-parallel-size {ttp}; use 1")
+        resolve_target_tp(cfg, ttp, ttp)  # a resolved size divides the heads
         tp_ranks = torch.distributed.get_process_group_ranks(
             parallel_state.get_tensor_model_parallel_group())
     return SGLangColocatedProvider(
@@ -157,4 +172,4 @@ def build_colocated_target(spec, device) -> SGLangColocatedProvider:
         context_length=int(spec.context_length), seed=int(spec.seed), tp_ranks=tp_ranks)
 
 
-__all__ = ["SGLangColocatedProvider", "build_colocated_target", "memory_fraction"]
+__all__ = ["SGLangColocatedProvider", "build_colocated_target", "memory_fraction", "resolve_target_tp"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from megaspark import platform
-from megaspark.arguments import ArgumentError, parse_args
+from megaspark.arguments import parse_args
 from megaspark.arguments.configs import run_config
 from megaspark.training.logging import print_line
 from megaspark.training.startup import load_target, log0, open_datasets  # noqa: F401 (load_target: API)
@@ -171,18 +171,13 @@ def pretrain(model_provider, forward_step, argv=None):
     from megaspark.training.batches import computes_target
 
     args.target_dtype_resolved = platform.target_dtype(args.target_dtype, args.bf16, platform.compute_device())
-    if args.target_backend == "sglang" and args.target_tp_resolved > 1:
-        heads = int(hf_config.num_attention_heads)
-        if heads % args.target_tp_resolved:
-            if args.target_tensor_parallel_size is not None:
-                raise ArgumentError(
-                    f"--target-tensor-parallel-size {args.target_tp_resolved}: the target's {heads} "
-                    f"attention heads do not split that way; use 1 (whole target on TP rank 0)")
-            if torch.distributed.get_rank() == 0:
-                print_line(f"megaspark: the target's {heads} attention heads do not split over TP "
-                           f"{args.target_tp_resolved}: SGLang runs it whole on TP rank 0 "
-                           f"(--target-tensor-parallel-size 1)")
-            args.target_tp_resolved = 1
+    if args.target_backend == "sglang":
+        from megaspark.targets.sglang_colocated import resolve_target_tp
+
+        args.target_tp_resolved, note = resolve_target_tp(hf_config, args.target_tensor_parallel_size,
+                                                          args.target_tp_resolved)
+        if note and torch.distributed.get_rank() == 0:
+            print_line(note)
     runs_target = computes_target(args.target_tp_resolved)
     from megaspark.targets.base import IN_PROCESS_BACKENDS
 
