@@ -94,6 +94,69 @@ class AttentionShape:
         return scale
 
 
+    def validate_attention(self, tp: int) -> None:
+        """The attention and tensor-parallel rules every draft config shares (DSpark's and
+        Eagle3's fields ``num_attention_heads``, ``num_query_groups``, ``ffn_hidden_size`` and
+        the MLA dims); raises :class:`ConfigError` naming the flag."""
+        _check(self.num_attention_heads >= 1, "--num-attention-heads must be >= 1")
+        _check(
+            self.num_query_groups >= 1 and self.num_attention_heads % self.num_query_groups == 0,
+            f"--num-attention-heads ({self.num_attention_heads}) must be a multiple of "
+            f"--num-query-groups ({self.num_query_groups})",
+        )
+        _check(
+            self.attention_type in ATTENTION_TYPES,
+            f"--draft-attention must be one of {ATTENTION_TYPES}, got {self.attention_type!r}",
+        )
+        if self.is_mla:
+            self._validate_mla_shape()
+        else:
+            _check(self.kv_channels % 2 == 0, f"--kv-channels ({self.kv_channels}) must be even for RoPE")
+            given = [flag for attr, flag in MLA_FLAGS.items() if getattr(self, attr)]
+            _check(not given, f"{', '.join(given)} only apply to --draft-attention mla")
+        if self.rope_yarn is not None:
+            _check(
+                isinstance(self.rope_yarn, dict) and set(YARN_KEYS) <= set(self.rope_yarn)
+                and float(self.rope_yarn["factor"]) > 0,
+                f"rope_yarn must be a dict with {YARN_KEYS} and factor > 0 "
+                "(see megaspark.config.yarn_parameters)",
+            )
+        _check(tp >= 1, "--tensor-model-parallel-size must be >= 1")
+        for name, flag, value in (
+            ("attention heads", "--num-attention-heads", self.num_attention_heads),
+            ("KV heads", "--num-query-groups", self.num_query_groups),
+            ("FFN width", "--ffn-hidden-size", self.ffn_hidden_size),
+        ):
+            _check(
+                value % tp == 0,
+                f"{name} ({flag} = {value}) is not divisible by --tensor-model-parallel-size {tp}",
+            )
+
+    def _validate_mla_shape(self) -> None:
+        _check(self.kv_lora_rank > 0, f"--kv-lora-rank must be > 0 for --draft-attention mla, "
+                                      f"got {self.kv_lora_rank}")
+        _check(
+            self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
+            f"--qk-rope-head-dim must be even and > 0 for --draft-attention mla (RoPE rotates "
+            f"pairs), got {self.qk_rope_head_dim}",
+        )
+        _check(self.qk_nope_head_dim >= 0, f"--qk-nope-head-dim must be >= 0, got {self.qk_nope_head_dim}")
+        _check(self.v_head_dim > 0,
+               f"--v-head-dim must be > 0 for --draft-attention mla, got {self.v_head_dim}")
+        _check(self.q_lora_rank >= 0, f"--q-lora-rank must be >= 0 (0: no query compression), "
+                                      f"got {self.q_lora_rank}")
+        _check(
+            self.num_query_groups == self.num_attention_heads,
+            f"--draft-attention mla has no KV groups: --num-query-groups ({self.num_query_groups}) "
+            f"must equal --num-attention-heads ({self.num_attention_heads})",
+        )
+        _check(
+            self.kv_channels == self.qk_rope_head_dim,
+            f"with --draft-attention mla, kv_channels (HF head_dim, {self.kv_channels}) is the rotary "
+            f"head dim and must equal --qk-rope-head-dim ({self.qk_rope_head_dim})",
+        )
+
+
 @dataclass
 class DSparkConfig(AttentionShape):
     # ---- draft shape (hidden size and vocab must equal the target's) ----
@@ -175,40 +238,16 @@ class DSparkConfig(AttentionShape):
         tp = tensor_model_parallel_size
         _check(self.num_layers >= 1, "--num-layers must be >= 1")
         _check(self.hidden_size >= 1, "hidden size must be positive")
-        _check(self.num_attention_heads >= 1, "--num-attention-heads must be >= 1")
-        _check(
-            self.num_query_groups >= 1 and self.num_attention_heads % self.num_query_groups == 0,
-            f"--num-attention-heads ({self.num_attention_heads}) must be a multiple of "
-            f"--num-query-groups ({self.num_query_groups})",
-        )
-        _check(
-            self.attention_type in ATTENTION_TYPES,
-            f"--draft-attention must be one of {ATTENTION_TYPES}, got {self.attention_type!r}",
-        )
+        self.validate_attention(tp)
         if self.is_mla:
-            self._validate_mla()
-        else:
-            _check(self.kv_channels % 2 == 0, f"--kv-channels ({self.kv_channels}) must be even for RoPE")
-            given = [flag for attr, flag in MLA_FLAGS.items() if getattr(self, attr)]
-            _check(not given, f"{', '.join(given)} only apply to --draft-attention mla")
-        if self.rope_yarn is not None:
-            _check(
-                isinstance(self.rope_yarn, dict) and set(YARN_KEYS) <= set(self.rope_yarn)
-                and float(self.rope_yarn["factor"]) > 0,
-                f"rope_yarn must be a dict with {YARN_KEYS} and factor > 0 "
-                "(see megaspark.config.yarn_parameters)",
-            )
-        _check(tp >= 1, "--tensor-model-parallel-size must be >= 1")
-        for name, flag, value in (
-            ("attention heads", "--num-attention-heads", self.num_attention_heads),
-            ("KV heads", "--num-query-groups", self.num_query_groups),
-            ("vocabulary size", "target vocab_size", self.vocab_size),
-            ("FFN width", "--ffn-hidden-size", self.ffn_hidden_size),
-        ):
-            _check(
-                value % tp == 0,
-                f"{name} ({flag} = {value}) is not divisible by --tensor-model-parallel-size {tp}",
-            )
+            _check(not self.qk_norm, "--draft-attention mla has no per-head q/k norms (qk_norm must be off)")
+            _check(not self.attention_bias, "--draft-attention mla has no projection biases "
+                                            "(attention_bias must be off)")
+        _check(
+            self.vocab_size % tp == 0,
+            f"vocabulary size (target vocab_size = {self.vocab_size}) is not divisible by "
+            f"--tensor-model-parallel-size {tp}",
+        )
         _check(
             self.target_model_type in SUPPORTED_FAMILIES,
             f"unsupported target family '{self.target_model_type}'; supported: "
@@ -245,33 +284,6 @@ class DSparkConfig(AttentionShape):
         _check(self.loss_chunk_rows >= 1, "--loss-chunk-rows must be >= 1")
         _check(self.rope_scaling_factor > 0, "RoPE scaling factor must be positive")
         return self
-
-    def _validate_mla(self) -> None:
-        _check(self.kv_lora_rank > 0, f"--kv-lora-rank must be > 0 for --draft-attention mla, "
-                                      f"got {self.kv_lora_rank}")
-        _check(
-            self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
-            f"--qk-rope-head-dim must be even and > 0 for --draft-attention mla (RoPE rotates "
-            f"pairs), got {self.qk_rope_head_dim}",
-        )
-        _check(self.qk_nope_head_dim >= 0, f"--qk-nope-head-dim must be >= 0, got {self.qk_nope_head_dim}")
-        _check(self.v_head_dim > 0,
-               f"--v-head-dim must be > 0 for --draft-attention mla, got {self.v_head_dim}")
-        _check(self.q_lora_rank >= 0, f"--q-lora-rank must be >= 0 (0: no query compression), "
-                                      f"got {self.q_lora_rank}")
-        _check(
-            self.num_query_groups == self.num_attention_heads,
-            f"--draft-attention mla has no KV groups: --num-query-groups ({self.num_query_groups}) "
-            f"must equal --num-attention-heads ({self.num_attention_heads})",
-        )
-        _check(
-            self.kv_channels == self.qk_rope_head_dim,
-            f"with --draft-attention mla, kv_channels (HF head_dim, {self.kv_channels}) is the rotary "
-            f"head dim and must equal --qk-rope-head-dim ({self.qk_rope_head_dim})",
-        )
-        _check(not self.qk_norm, "--draft-attention mla has no per-head q/k norms (qk_norm must be off)")
-        _check(not self.attention_bias, "--draft-attention mla has no projection biases "
-                                        "(attention_bias must be off)")
 
     # ------------------------------------------------------------------ megatron
     def transformer_config(

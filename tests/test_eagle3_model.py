@@ -154,7 +154,7 @@ def test_ttt_attention_equals_the_explicit_concatenation():
 
 def test_config_refuses_impossible_shapes():
     e = _config()
-    with pytest.raises(ValueError, match="does not divide the 4 attention heads"):
+    with pytest.raises(ValueError, match=r"attention heads \(--num-attention-heads = 4\) is not divisible by --tensor-model-parallel-size 3"):
         e.validate(3)
     import dataclasses
 
@@ -162,3 +162,11 @@ def test_config_refuses_impossible_shapes():
         dataclasses.replace(e, draft_vocab_size=50).validate()
     with pytest.raises(ValueError, match="--ttt-steps 0"):
         dataclasses.replace(e, ttt_steps=0).validate()
+    # the MLA shape rules are DSpark's (one validator for both configs)
+    m = _config(MLA).validate(2)
+    with pytest.raises(ValueError, match=r"--num-query-groups \(2\) must equal --num-attention-heads \(4\)"):
+        dataclasses.replace(m, num_query_groups=2).validate()
+    with pytest.raises(ValueError, match="--kv-lora-rank must be > 0"):
+        dataclasses.replace(m, kv_lora_rank=0).validate()
+    with pytest.raises(ValueError, match="--kv-lora-rank only apply to --draft-attention mla"):
+        dataclasses.replace(e, kv_lora_rank=8).validate()

@@ -42,7 +42,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
-from megaspark.config import AttentionShape
+from megaspark.config import AttentionShape, ConfigError
 from megaspark.models.dspark.norms import RMSNorm
 from megaspark.models.dspark.model import seeded_init
 from megaspark.models.dspark.rope import apply_rope, apply_rope_interleaved, rope_cos_sin
@@ -76,30 +76,20 @@ class Eagle3Config(AttentionShape):
     attention_chunk_blocks = 1
 
     def validate(self, tp: int = 1) -> "Eagle3Config":
+        """Raise :class:`~megaspark.config.ConfigError` naming the flag for anything that
+        cannot work (the attention and TP rules shared with DSpark's config, then Eagle3's)."""
+        self.validate_attention(tp)
+
         def need(ok, msg):
             if not ok:
-                raise ValueError(msg)
-
-        need(self.attention_type in ("gqa", "mla"), f"--draft-attention {self.attention_type!r}: gqa or mla")
-        if self.is_mla:
-            need(self.kv_lora_rank > 0, f"--kv-lora-rank must be > 0 for an MLA draft, got {self.kv_lora_rank}")
-            need(self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
-                 f"--qk-rope-head-dim must be even and > 0 (RoPE rotates pairs), got {self.qk_rope_head_dim}")
-            need(self.qk_nope_head_dim >= 0 and self.v_head_dim > 0 and self.q_lora_rank >= 0,
-                 "MLA needs --qk-nope-head-dim >= 0, --v-head-dim > 0 and --q-lora-rank >= 0")
-            need(self.num_query_groups == self.num_attention_heads and self.kv_channels == self.qk_rope_head_dim,
-                 "an MLA draft has one KV head per query head and kv_channels = --qk-rope-head-dim")
+                raise ConfigError(msg)
 
         need(self.ttt_steps >= 1, f"--ttt-steps {self.ttt_steps} must be >= 1")
         need(0 < self.step_decay <= 1, f"the step decay {self.step_decay} must be in (0, 1]")
         need(0 < self.draft_vocab_size <= self.vocab_size,
              f"--draft-vocab-size {self.draft_vocab_size} must be in [1, {self.vocab_size}] (the target's vocabulary)")
-        need(self.num_attention_heads % self.num_query_groups == 0,
-             f"{self.num_attention_heads} attention heads are not a multiple of {self.num_query_groups} KV groups")
-        for what, n in (("attention heads", self.num_attention_heads), ("KV groups", self.num_query_groups),
-                        ("draft vocabulary entries", self.draft_vocab_size), ("target vocabulary entries",
-                                                                             self.vocab_size),
-                        ("FFN units", self.ffn_hidden_size)):
+        for what, n in (("draft vocabulary entries", self.draft_vocab_size),
+                        ("target vocabulary entries", self.vocab_size)):
             need(n % tp == 0, f"--tensor-model-parallel-size {tp} does not divide the {n} {what}")
         return self
 
