@@ -126,9 +126,12 @@ def _section(cls, args):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
 
 
-def run_config(args) -> RunConfig:
-    """The validated flags as a :class:`RunConfig` (with the :class:`TargetSpec` once start-up
-    has resolved the target's layer ids)."""
+def run_config(args, target: Optional[TargetSpec] = None) -> RunConfig:
+    """The validated flags as a :class:`RunConfig`, with ``target``: the :class:`TargetSpec`
+    start-up resolved (tools and tests that pass none get it from the namespace once its
+    layer ids are resolved)."""
+    if target is None and getattr(args, "target_layer_ids_resolved", None):
+        target = target_spec(args)
     return RunConfig(
         parallel=_section(ParallelConfig, args),
         optim=_section(OptimizationConfig, args),
@@ -138,7 +141,7 @@ def run_config(args) -> RunConfig:
         exit=_section(ExitConfig, args),
         fp8=fp8_settings(args),
         algorithm=getattr(args, "algorithm", None) or "dspark",
-        target=target_spec(args) if getattr(args, "target_layer_ids_resolved", None) else None,
+        target=target,
     )
 
 

@@ -158,7 +158,7 @@ def run(args, hf_config, dcfg):
     draft vocabulary (rank 0 counts the training split's supervised tokens), draft, data,
     resume, loop."""
     from megaspark import platform
-    from megaspark.arguments.configs import run_config
+    from megaspark.arguments.configs import run_config, target_spec
     from megaspark.checkpoint_files import read_state
     from megaspark.data.draft_vocab import select_draft_vocab, supervised_token_counts
     from megaspark.training.batches import computes_target
@@ -170,7 +170,8 @@ def run(args, hf_config, dcfg):
     args.target_layer_ids_resolved = list(args.target_layer_ids or default_layer_ids(hf_config.num_hidden_layers))
     args.target_dtype_resolved = platform.target_dtype(args.target_dtype, args.bf16, platform.compute_device())
     args.target_tp_resolved = 1
-    target_info, target = load_target(args, build=computes_target(1))
+    spec = target_spec(args)  # the target, resolved once
+    target_info, target = load_target(spec, build=computes_target(1))
     meta, train_data, valid_data = open_datasets(args, target_info, hf_config, e.vocab_size)
     ids = [None, None]
     if torch.distributed.get_rank() == 0:
@@ -183,7 +184,7 @@ def run(args, hf_config, dcfg):
     if ids[1] is not None:
         raise ValueError(ids[1])
     model = build_draft(args, e, ids[0], target_info)
-    cfg = run_config(args)  # every flag resolved: the typed configs from here on
+    cfg = run_config(args, target=spec)  # every flag resolved: the typed configs from here on
     checkpointer = Checkpointer(cfg, e, target_info.fingerprint(), flags=vars(args))
     resume = choose_resume(cfg.checkpoint)
     if resume:

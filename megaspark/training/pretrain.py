@@ -12,7 +12,7 @@ import torch
 
 from megaspark import platform
 from megaspark.arguments import parse_args
-from megaspark.arguments.configs import run_config
+from megaspark.arguments.configs import run_config, target_spec
 from megaspark.training.logging import print_line
 from megaspark.training.startup import load_target, log0, open_datasets  # noqa: F401 (load_target: API)
 
@@ -183,7 +183,8 @@ def pretrain(model_provider, forward_step, argv=None):
 
     check_memory_plan(args, dcfg, hf_config,  # before any weights
                       runs_target and args.target_backend in IN_PROCESS_BACKENDS)
-    target_info, target = load_target(args, build=runs_target)
+    spec = target_spec(args)  # the target, resolved once
+    target_info, target = load_target(spec, build=runs_target)
     if args.mask_token_id is None:
         dcfg.mask_token_id = default_mask_token_id(target_info.tokenizer, hf_config)
     else:
@@ -191,7 +192,7 @@ def pretrain(model_provider, forward_step, argv=None):
     dcfg.validate(args.tensor_model_parallel_size)
 
     meta, train_data, valid_data = open_datasets(args, target_info, hf_config, dcfg.vocab_size)
-    cfg = run_config(args)  # every flag resolved: the typed configs from here on
+    cfg = run_config(args, target=spec)  # every flag resolved: the typed configs from here on
     checkpointer = Checkpointer(cfg, dcfg, target_info.fingerprint(), flags=vars(args))
     resume = choose_resume(cfg.checkpoint)
     if resume:

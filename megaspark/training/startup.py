@@ -14,24 +14,24 @@ def log0(msg: str) -> None:
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         print_line(msg)
 
-def load_target(args, build: bool):
-    """(:class:`TargetInfo` on every rank, the target provider of --target-backend on the ranks
-    that run it, else None), from the target directory start-up resolved (``args.target_path``).
-    The provider is built on the compute device in ``args.target_dtype_resolved``; when it
-    fails anywhere, every rank raises (the failing one its own error)."""
+def load_target(spec, build: bool):
+    """(:class:`TargetInfo` on every rank, the target provider of ``spec.backend`` on the ranks
+    that run it, else None) for the target start-up resolved (a :class:`TargetSpec`: its
+    directory, layer ids, dtype and TP size). The provider is built on the compute device;
+    when it fails anywhere, every rank raises (the failing one its own error)."""
     from megaspark.targets.base import TargetError
     from megaspark.targets.checkpoint import TargetInfo
 
-    info = TargetInfo(args.target_path, args.target_layer_ids_resolved)
+    info = TargetInfo(spec.path, list(spec.layer_ids))
     provider, error = None, None
     if build:
         try:
-            provider = _build_provider(args)
+            provider = _build_provider(spec)
             if not provider.last_hidden_is_post_norm:
                 raise TargetError(f"{type(provider).__name__} returns the target's pre-norm last hidden "
                                   "state; the trainer takes the post-final-norm state only")
             print_line(f"rank {torch.distributed.get_rank()}: target {type(provider).__name__} built on "
-                       f"{platform.compute_device()} in {args.target_dtype_resolved}")
+                       f"{platform.compute_device()} in {spec.dtype}")
         except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
             error = e
     status = [None] * torch.distributed.get_world_size()
@@ -44,10 +44,8 @@ def load_target(args, build: bool):
         raise TargetError(f"the target could not be built on rank {rank}, which runs it: {message}")
     return info, provider
 
-def _build_provider(args):
-    from megaspark.arguments.configs import target_spec
-
-    spec, device = target_spec(args), platform.compute_device()
+def _build_provider(spec):
+    device = platform.compute_device()
     if spec.backend == "offline":
         from megaspark.targets.offline import build_offline_target
 
