@@ -1,33 +1,38 @@
 """The one launcher for every multi-process test (gloo on CPU), in two forms.
 
-In-process workers: ``run_distributed(fn, world_size, *args)`` spawns ``world_size``
-processes, sets the torchrun-style environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT,
-OMP_NUM_THREADS=1), calls ``fn(rank, world_size, *args)`` in each and returns the list of
-per-rank return values. An exception in any rank fails the caller with that rank's
-traceback. ``fn`` must be a module-level function (it is pickled by reference).
-Process start-up (importing torch and megatron) dominates, so tests should run many
-checks in one launch and return tensors for the parent to compare.
+In-process workers: ``run_distributed(fn, world_size, *args)`` starts ``world_size`` ranks
+with the torchrun-style environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT, OMP_NUM_THREADS=1),
+calls ``fn(rank, world_size, *args)`` in each and returns the list of per-rank return
+values. An exception in any rank fails the caller with that rank's traceback. ``fn`` must be
+a module-level function (the ranks import it by name).
 
-End-to-end runs: ``run(nproc, *flags)`` runs ``pretrain_dspark.py`` under torchrun and
-returns the completed process; ``base_flags`` are the tiny draft's flags, ``ok`` / ``fails``
-check the outcome, ``losses`` reads a ``--log-jsonl`` file and ``chat_file`` writes the
-small chat dataset the ``data_dir`` fixture (tests/conftest.py) prepares.
+End-to-end runs: ``run(nproc, *flags)`` runs ``pretrain_dspark.py`` on ``nproc`` ranks and
+``launch(script, *args)`` any script (a tool: one plain process); ``base_flags`` are the tiny
+draft's flags, ``ok`` / ``fails`` check the outcome, ``losses`` reads a ``--log-jsonl`` file
+and ``chat_file`` writes the small chat dataset the ``data_dir`` fixture (tests/conftest.py)
+prepares.
+
+Ranks are forked from one warm process per session (tests/zygote.py), which has imported
+torch, megatron-core and transformers once: a rank's ~8 s of imports is most of a tiny run,
+so this is what keeps the suite's wall time down. ``MEGASPARK_TEST_LAUNCHER=torchrun`` runs
+every launch under real torchrun instead (``run_distributed`` keeps the warm process);
+tests/test_launcher.py checks that both give the same run.
 """
 
 from __future__ import annotations
 
-import io
+import atexit
 import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,28 +43,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(rank, world_size, port, fn, args, queue):
-    os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-    )
-    import torch
+def call_in_rank(req: dict, rank: int) -> int:
+    """In a rank forked by tests/zygote.py for :func:`run_distributed`: call the function with
+    the pickled arguments, save its result (or the traceback) for the parent; the exit code."""
+    import importlib
 
     torch.set_num_threads(1)
+    results = Path(req["results"])
     try:
-        result = fn(rank, world_size, *args)
-        # Serialise here: torch's queue would share tensor storage through file
-        # descriptors that vanish when this process exits.
-        buf = io.BytesIO()
-        torch.save(result, buf)
-        queue.put((rank, True, buf.getvalue()))
+        module, name = req["call"].split(":")
+        fn = getattr(importlib.import_module(module), name)
+        args = torch.load(results / "args.pt", weights_only=False)
+        result = fn(rank, int(req["nproc"]), *args)
+        torch.save(result, results / f"{rank}.tmp")
+        os.replace(results / f"{rank}.tmp", results / f"{rank}.pt")
+        return 0
     except BaseException:  # noqa: BLE001 - report everything to the parent
-        queue.put((rank, False, traceback.format_exc()))
+        (results / f"{rank}.err").write_text(traceback.format_exc())
+        return 1
     finally:
         try:
             import torch.distributed as dist
@@ -71,34 +72,24 @@ def _child(rank, world_size, port, fn, args, queue):
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 600.0):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [
-        ctx.Process(target=_child, args=(rank, world_size, port, fn, args, queue), daemon=False)
-        for rank in range(world_size)
-    ]
-    for p in procs:
-        p.start()
-    results: dict[int, object] = {}
-    errors: list[str] = []
-    try:
-        for _ in range(world_size):
-            rank, ok, payload = queue.get(timeout=timeout)
-            if ok:
-                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
-            else:
-                errors.append(f"--- rank {rank} failed ---\n{payload}")
-                break  # the other ranks are probably stuck in a collective
-    finally:
-        for p in procs:
-            p.join(timeout=5 if errors else timeout)
-            if p.is_alive():
-                p.terminate()
-                p.join()
-    if errors:
-        raise RuntimeError("distributed test failed:\n" + "\n".join(errors))
-    return [results[r] for r in range(world_size)]
+    """``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks (forked from the warm
+    tests/zygote.py); the list of their return values. A failing rank fails the caller with
+    its traceback."""
+    with tempfile.TemporaryDirectory() as d:
+        results = Path(d)
+        torch.save(args, results / "args.pt")
+        full_env = dict(os.environ, OMP_NUM_THREADS="1")
+        rc = _ZYGOTE.launch("", (), world_size, full_env, timeout, str(results / "stdout"),
+                            str(results / "stderr"), call=f"{fn.__module__}:{fn.__qualname__}",
+                            results=str(results))
+        errors = [f"--- rank {r} failed ---\n{(results / f'{r}.err').read_text()}"
+                  for r in range(world_size) if (results / f"{r}.err").exists()]
+        if rc is None:
+            errors.append(f"timed out after {timeout} s")
+        if errors or rc != 0:
+            tail = (results / "stderr").read_text(errors="replace")[-3000:] if (results / "stderr").exists() else ""
+            raise RuntimeError("distributed test failed:\n" + "\n".join(errors) + f"\n--- stderr ---\n{tail}")
+        return [torch.load(results / f"{r}.pt", weights_only=False) for r in range(world_size)]
 
 
 # ============================================================ pretrain_dspark.py under torchrun
@@ -106,12 +97,8 @@ def prepare_tiny_data(chats: Path, target: str, out: Path, valid_fraction: float
                       min_supervised: int = 4) -> str:
     """``tools/prepare_data.py`` on a chat file for a tiny target (64-token samples); returns
     the dataset directory."""
-    subprocess.run(
-        [sys.executable, str(REPO / "tools/prepare_data.py"), "--input", str(chats), "--target-model", target,
-         "--output", str(out), "--max-length", "64", "--valid-fraction", str(valid_fraction),
-         "--min-supervised-tokens", str(min_supervised), "--quiet"],
-        check=True, capture_output=True, text=True,
-    )
+    tool("prepare_data.py", "--input", chats, "--target-model", target, "--output", out, "--max-length", "64",
+         "--valid-fraction", valid_fraction, "--min-supervised-tokens", min_supervised, "--quiet", check=True)
     return str(out)
 
 
@@ -130,19 +117,109 @@ def chat_file(path: Path, n: int = 48) -> Path:
     return path
 
 
-def run(nproc: int, *flags: str, env=None, timeout=300):
-    """``pretrain_dspark.py *flags`` on ``nproc`` torchrun ranks; the CompletedProcess."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(free_port()), str(REPO / "pretrain_dspark.py"), *flags]
+class _Zygote:
+    """The client of tests/zygote.py: one warm process per test session that forks launches."""
+
+    def __init__(self):
+        self.proc = None
+
+    def _start(self):
+        from tests.zygote import ANSWER
+
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "zygote.py")], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1, cwd=REPO,
+            env=dict(os.environ, OMP_NUM_THREADS="1"))
+        self._read(ANSWER, timeout=300)
+
+    def _read(self, prefix: str, timeout: float) -> dict:
+        import select
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 1.0)
+            if not ready:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith(prefix):
+                return json.loads(line[len(prefix):])
+        self.close()
+        raise RuntimeError("the tests' launcher process (tests/zygote.py) stopped answering")
+
+    def launch(self, script: str, argv, nproc: int, env: dict, timeout: float, stdout: str, stderr: str,
+               **extra):
+        """(exit code, or None after the time-out) of ``script argv`` on ``nproc`` ranks
+        (0: one plain process, no distributed environment); ``extra``: the request's other
+        fields (``call``, ``results``: :func:`run_distributed`)."""
+        from tests.zygote import ANSWER
+
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        req = dict(script=str(script), argv=list(argv), nproc=nproc, env=env, timeout=timeout,
+                   stdout=stdout, stderr=stderr, cwd=str(REPO), port=free_port() if nproc else 0, **extra)
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        return self._read(ANSWER, timeout=timeout + 120)["returncode"]
+
+    def close(self):
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+_ZYGOTE = _Zygote()
+atexit.register(_ZYGOTE.close)
+
+
+def use_torchrun() -> bool:
+    """``MEGASPARK_TEST_LAUNCHER=torchrun``: launch through real torchrun, not tests/zygote.py."""
+    return os.environ.get("MEGASPARK_TEST_LAUNCHER", "zygote") == "torchrun"
+
+
+def launch(script, *args, nproc: int = 0, env=None, timeout=300, torchrun=None, check=False):
+    """``script *args`` as ``nproc`` torchrun ranks (0: one plain ``python script`` process),
+    forked from the warm tests/zygote.py unless ``torchrun`` (default: ``use_torchrun()``);
+    the CompletedProcess (``check``: raise ``subprocess.CalledProcessError`` unless it exits 0).
+    A launch past ``timeout`` raises ``subprocess.TimeoutExpired``."""
+    args = [str(a) for a in args]
     full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-port", str(free_port()), str(script), *args]
+    else:
+        cmd = [sys.executable, str(script), *args]
     # Output goes to files, not pipes: a rank killed mid-save can orphan megatron's
     # checkpoint helper process, which would hold a pipe open forever.
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.run(cmd, stdout=out, stderr=err, text=True, timeout=timeout,
-                              env=full_env, cwd=REPO)
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+    with tempfile.TemporaryDirectory() as d:
+        out, err = os.path.join(d, "stdout"), os.path.join(d, "stderr")
+        if use_torchrun() if torchrun is None else torchrun:
+            with open(out, "w") as fo, open(err, "w") as fe:
+                rc = subprocess.run(cmd, stdout=fo, stderr=fe, text=True, timeout=timeout,
+                                    env=full_env, cwd=REPO).returncode
+        else:
+            rc = _ZYGOTE.launch(script, args, nproc, full_env, timeout, out, err)
+            if rc is None:
+                raise subprocess.TimeoutExpired(cmd, timeout)
+        with open(out, errors="replace") as fo, open(err, errors="replace") as fe:
+            done = subprocess.CompletedProcess(cmd, rc, fo.read(), fe.read())
+    if check:
+        done.check_returncode()
+    return done
+
+
+def tool(name, *args, env=None, timeout=300, check=False):
+    """``tools/<name> *args`` as one plain process (see :func:`launch`)."""
+    return launch(REPO / "tools" / name, *args, env=env, timeout=timeout, check=check)
+
+
+def run(nproc: int, *flags: str, env=None, timeout=300, torchrun=None):
+    """``pretrain_dspark.py *flags`` on ``nproc`` ranks (see :func:`launch`); the CompletedProcess."""
+    return launch(REPO / "pretrain_dspark.py", *flags, nproc=nproc, env=env, timeout=timeout, torchrun=torchrun)
 
 
 def base_flags(target, data, *extra):

@@ -5,12 +5,10 @@ and run by real speculative decoding (``tools/eval_speculative.py``)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.launcher import REPO, losses, ok, run
+from tests.launcher import losses, ok, run, tool
 
 pytestmark = pytest.mark.slow
 
@@ -78,8 +76,7 @@ def test_the_run_says_what_it_trains(trained):
 
 
 def _convert(ckpt, out, *flags):
-    r = subprocess.run([sys.executable, str(REPO / "tools/convert_checkpoint_to_hf.py"), "--load", str(ckpt),
-                        "--output", str(out), *flags], capture_output=True, text=True, timeout=300, cwd=REPO)
+    r = tool("convert_checkpoint_to_hf.py", "--load", ckpt, "--output", out, *flags)
     assert r.returncode == 0, r.stdout + r.stderr
     return json.loads((out / "config.json").read_text())
 
@@ -117,11 +114,9 @@ def test_exports_record_the_algorithm(trained):
 @pytest.mark.parametrize("mode", ["dflash", "dflash-original", "mla"])
 def test_speculative_decoding_with_dflash_drafts(trained, tiny_llama_dir, data_dir, tmp_path, mode):
     report = tmp_path / "report.json"
-    r = subprocess.run(
-        [sys.executable, str(REPO / "tools/eval_speculative.py"), "--draft", str(trained[mode]),
-         "--target-model", tiny_llama_dir, "--data-path", data_dir, "--num-prompts", "2",
-         "--max-new-tokens", "12", "--temperature", "0", "--json", str(report), "--no-progress",
-         "--threads", "1"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    r = tool("eval_speculative.py", "--draft", trained[mode], "--target-model", tiny_llama_dir,
+             "--data-path", data_dir, "--num-prompts", "2", "--max-new-tokens", "12", "--temperature", "0",
+             "--json", report, "--no-progress", "--threads", "1", timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     rep = json.loads(report.read_text())
     assert rep["greedy_identical"] == {"identical": 2, "prompts": 2}  # lossless

@@ -6,8 +6,6 @@ a SpecForge-format checkpoint (its documented key names) imports."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from megaspark.data.draft_vocab import DraftVocab
 from megaspark.export.eagle3 import export_eagle3, read_eagle3
 from megaspark.export.tensors import ExportError
-from tests.launcher import run_distributed
+from tests.launcher import run_distributed, tool
 from tests.sglang_marks import needs_sglang
 from tests.test_eagle3_model import CFG, CONFIGS, _config, case
 
@@ -34,8 +32,7 @@ def exported(tmp_path, variant="gqa", **kw):
 
 
 def validate(path, *extra):
-    return subprocess.run([sys.executable, str(REPO / "tools" / "validate_hf_export.py"), str(path), *extra],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    return tool("validate_hf_export.py", path, *extra, timeout=120)
 
 
 def test_export_has_the_engine_format_and_reads_back(tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.launcher import losses, ok, run
+from tests.launcher import losses, ok, run, tool
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 
@@ -64,26 +64,21 @@ def test_eagle3_checkpoint_converts_to_the_engine_format(layouts, tmp_path):
     """convert_checkpoint_to_hf.py on a TP=2 Eagle3 checkpoint: LlamaForCausalLMEagle3, the
     validator accepts it, and its tensors and draft vocabulary are the checkpoint's."""
     import json
-    import subprocess
-    import sys
 
     import torch
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     from megaspark.export.eagle3 import read_eagle3
     from megaspark.models.eagle3.model import STATE_DICT_MAP
-    from tests.launcher import REPO
 
     root, _ = layouts
     ckpt = root / "ckpt" / "iter_0000002"  # intact (the newest may have been damaged above)
     out = tmp_path / "hf"
-    r = subprocess.run([sys.executable, str(REPO / "tools/convert_checkpoint_to_hf.py"), "--load", str(ckpt),
-                        "--output", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    r = tool("convert_checkpoint_to_hf.py", "--load", ckpt, "--output", out)
     assert r.returncode == 0 and "LlamaForCausalLMEagle3" in r.stdout, r.stdout + r.stderr
     assert json.loads((out / "config.json").read_text())["eagle_config"][
         "eagle_aux_hidden_state_layer_ids"] == [1, 2, 4]
-    v = subprocess.run([sys.executable, str(REPO / "tools/validate_hf_export.py"), str(out)],
-                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    v = tool("validate_hf_export.py", out, timeout=120)
     assert v.returncode == 0, v.stdout
     e, _, vocab, tensors = read_eagle3(out)
     dcp_to_torch_save(str(ckpt), str(tmp_path / "all.pt"))
@@ -100,17 +95,13 @@ def test_eval_speculative_decodes_with_the_eagle3_checkpoint(layouts, tiny_llama
     the real (tiny) target, greedy output identical to the target's, τ reported beside the
     checkpoint's analytic τ."""
     import json
-    import subprocess
-    import sys
 
-    from tests.launcher import REPO
 
     root, _ = layouts
     out = root / "eval.json"
-    r = subprocess.run([sys.executable, str(REPO / "tools/eval_speculative.py"), "--draft",
-                        str(root / "ckpt" / "iter_0000002"), "--data-path", data_dir, "--num-prompts", "3",
-                        "--max-new-tokens", "12", "--num-speculative-tokens", "3", "--no-progress",
-                        "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    r = tool("eval_speculative.py", "--draft", root / "ckpt" / "iter_0000002", "--data-path", data_dir,
+             "--num-prompts", "3", "--max-new-tokens", "12", "--num-speculative-tokens", "3", "--no-progress",
+             "--json", out)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["draft"]["algorithm"] == "eagle3" and report["draft"]["taps"] == [1, 2, 4]
@@ -141,10 +132,7 @@ def test_eagle3_mla_draft_trains_layout_invariant_and_converts(variants, layouts
     a GQA target's MLA draft), the same losses at TP 1 and TP 2, and the TP-2
     checkpoint converts to DeepseekV3ForCausalLMEagle3, which the validator accepts."""
     import json
-    import subprocess
-    import sys
 
-    from tests.launcher import REPO
 
     root, out = variants
     (one, r1), (two, r2) = out["mla-1"], out["mla-2"]
@@ -155,13 +143,11 @@ def test_eagle3_mla_draft_trains_layout_invariant_and_converts(variants, layouts
     gqa = layouts[1][(1, 1)][0]
     assert one[1] != pytest.approx(gqa[1], rel=1e-3)  # a different draft, not the GQA one
     hf = tmp_path / "hf"
-    c = subprocess.run([sys.executable, str(REPO / "tools/convert_checkpoint_to_hf.py"), "--load",
-                        str(root / "mla"), "--output", str(hf)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    c = tool("convert_checkpoint_to_hf.py", "--load", root / "mla", "--output", hf)
     assert c.returncode == 0 and "DeepseekV3ForCausalLMEagle3" in c.stdout, c.stdout + c.stderr
     cfg = json.loads((hf / "config.json").read_text())
     assert cfg["model_type"] == "deepseek_v3" and cfg["kv_lora_rank"] > 0
-    v = subprocess.run([sys.executable, str(REPO / "tools/validate_hf_export.py"), str(hf)],
-                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    v = tool("validate_hf_export.py", hf, timeout=120)
     assert v.returncode == 0 and "(MLA)" in v.stdout, v.stdout
 
 

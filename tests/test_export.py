@@ -14,9 +14,7 @@ an export loads at TP=2; the model's trainable parameter count matches the helpe
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -45,16 +43,14 @@ from megaspark.export.tensors import (
 )
 from megaspark.parallel import init_single_process_group
 from tests import dspark_cases as dc
+from tests import launcher
 from tests.launcher import base_flags, ok, run, run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def tool(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "tools" / name), *map(str, args)], capture_output=True, text=True,
-        timeout=timeout, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
+    return launcher.tool(name, *args, timeout=timeout)
 
 
 def fake_target_config(d: DSparkConfig) -> dict:

@@ -24,7 +24,6 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 import weakref
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from tests.launcher import run_distributed
+from tests.launcher import run_distributed, tool
 
 ROOT = Path(__file__).resolve().parents[1]
 MEASURE_TOL = 0.25  # activations and totals: estimate within 25 % of the measured peak
@@ -439,8 +438,7 @@ def _recipe_argv(tmp_path):
 
 def _tool(*argv):
     """tools/memory_plan.py as a command (its exit status and output)."""
-    return subprocess.run([sys.executable, str(ROOT / "tools/memory_plan.py"), *argv],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    return tool("memory_plan.py", *argv, timeout=120)
 
 
 def _tool_main(capsys, *argv):

@@ -24,8 +24,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -38,6 +36,7 @@ from megaspark.export.loading import load_draft
 from megaspark.export.tensors import ExportError, hf_tensor_shapes, parameter_counts
 from tests import dspark_cases as dc
 from tests import reference
+from tests import launcher
 from tests.launcher import run_distributed
 from tests.tiny_models import make_tiny_target
 
@@ -329,10 +328,8 @@ def test_export_config_round_trip(tmp_path, cases, deepseek_dir, name, layout):
     for k, v in state.items():
         assert torch.equal(v, weights[k]), k
     # the validator accepts it
-    tool = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "validate_hf_export.py"), str(tmp_path / "out"),
-         "--engine", "vllm" if layout == "deepspec" else "sglang"],
-        capture_output=True, text=True, timeout=120)
+    tool = launcher.tool("validate_hf_export.py", tmp_path / "out",
+                         "--engine", "vllm" if layout == "deepspec" else "sglang", timeout=120)
     problems = [ln for ln in tool.stdout.splitlines() if ln.startswith("PROBLEM")]
     engine_rules = [p for p in problems if "Convention D" in p or "convention" in p.lower()]
     assert problems == engine_rules, tool.stdout

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launcher import REPO, base_flags, chat_file, fails, losses, ok, run
+from tests.launcher import REPO, base_flags, chat_file, fails, losses, ok, run, tool
 from tests.sglang_marks import needs_sglang
 from tests.tiny_models import make_tiny_target
 
@@ -118,7 +118,7 @@ def test_bad_input_is_refused_clearly(tmp_path, tiny_llama_dir, tiny_qwen3_dir, 
     bad.mkdir()
     (bad / "meta.json").write_text(Path(data_dir, "meta.json").read_text())
     (bad / "train.jsonl").write_text('{"input_ids": [1, 2, 3], "loss_mask": [0, 1]}\n')
-    fails(run(1, *base_flags(tiny_llama_dir, str(bad), "--train-iters", "1")), "line 1")
+    fails(run(1, *base_flags(tiny_llama_dir, str(bad), "--train-iters", "1")), "train.jsonl:1: 'input_ids' has 3 entries but 'loss_mask' has 2")
     ckpt = tmp_path / "ckpt"
     ok(run(1, *flags, "--global-batch-size", "2", "--save", str(ckpt)))
     other = base_flags(tiny_llama_dir, data_dir, "--train-iters", "2")
@@ -136,12 +136,9 @@ def smollm2_run(tmp_path_factory):
     of its default (TP-friendly) draft shape, checkpoint written."""
     tmp_path = tmp_path_factory.mktemp("smollm2")
     out = tmp_path / "data"
-    subprocess.run(
-        [sys.executable, str(REPO / "tools/prepare_data.py"), "--input", str(chat_file(tmp_path / "c.jsonl", 16)),
-         "--target-model", "builtin:smollm2-135m", "--output", str(out), "--max-length", "96",
-         "--valid-fraction", "0.25", "--min-supervised-tokens", "4", "--quiet"],
-        check=True, capture_output=True, text=True, timeout=600,
-    )
+    tool("prepare_data.py", "--input", chat_file(tmp_path / "c.jsonl", 16), "--target-model", "builtin:smollm2-135m",
+         "--output", out, "--max-length", "96", "--valid-fraction", "0.25", "--min-supervised-tokens", "4", "--quiet",
+         check=True, timeout=600)
     log = tmp_path / "m.jsonl"
     r = run(2, "--target-model", "builtin:smollm2-135m", "--data-path", str(out),
             "--tensor-model-parallel-size", "2", "--num-layers", "1", "--num-anchors", "16",
@@ -174,9 +171,7 @@ def test_real_smollm2_draft_is_served_by_sglang(smollm2_run):
     tmp_path, r, _ = smollm2_run
     ok(r)
     hf = tmp_path / "hf"
-    subprocess.run([sys.executable, str(REPO / "tools/convert_checkpoint_to_hf.py"), "--load",
-                    str(tmp_path / "ckpt"), "--output", str(hf)], check=True, capture_output=True,
-                   text=True, timeout=600)
+    tool("convert_checkpoint_to_hf.py", "--load", tmp_path / "ckpt", "--output", hf, check=True, timeout=600)
     config = json.loads((hf / "config.json").read_text())
     assert config["architectures"] == ["Qwen3DSparkModel"] and config["dspark_qk_norm"] is True
     v = subprocess.run([sys.executable, str(REPO / "tools/validate_hf_export.py"), str(hf), "--engine",
@@ -193,8 +188,7 @@ def test_load_hf_draft_continues_from_exported_weights(tmp_path, tiny_llama_dir,
     common = base_flags(tiny_llama_dir, data_dir, "--global-batch-size", "2", "--eval-iters", "2")
     ok(run(1, *common, "--train-iters", "2", "--eval-interval", "2", "--save", str(ckpt),
            "--log-jsonl", str(log_a)))
-    subprocess.run([sys.executable, str(REPO / "tools/convert_checkpoint_to_hf.py"), "--load", str(ckpt),
-                    "--output", str(hf)], check=True, capture_output=True, text=True, timeout=300)
+    tool("convert_checkpoint_to_hf.py", "--load", ckpt, "--output", hf, check=True)
     flags = list(common)
     flags[flags.index("--lr") + 1] = "0"
     ok(run(2, *flags, "--tensor-model-parallel-size", "2", "--train-iters", "1", "--eval-interval", "1",

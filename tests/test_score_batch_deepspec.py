@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +23,7 @@ from safetensors.torch import save_file
 from megaspark.export.files import export_hf
 from megaspark.export.score_batch import BATCH_TENSORS, save_batch
 from tests import dspark_cases as dc
-from tests.launcher import run_distributed
+from tests.launcher import run_distributed, tool
 from tests.test_export import fake_target_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,10 +41,7 @@ sb = _tool_module()
 
 
 def score_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "tools" / "score_batch.py"), *map(str, args)], capture_output=True,
-        text=True, timeout=300, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
+    return tool("score_batch.py", *args)
 
 
 def deepspec_tensors(batch: dict) -> dict:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -27,7 +25,7 @@ from megaspark.inference.metrics import RoundRecord, SpecStats, auroc, expected_
 from megaspark.inference.sampling import proposal_length, residual_distribution, verify
 from megaspark.inference.scheduler import (app_a_counterexample, first_token_distribution,
                                            schedule_prefixes)
-from tests.launcher import run_distributed
+from tests.launcher import launch, run_distributed
 from tests.tiny_models import make_tiny_target
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -632,13 +630,9 @@ def test_eval_tool_smoke(engine, tmp_path):
     log.write_text(json.dumps({"kind": "train", "iteration": 1, "tau": 9.0}) + "\n"
                    + json.dumps({"kind": "eval", "iteration": 10, "tau": 2.5}) + "\n")
     out = tmp_path / "report.json"
-    proc = subprocess.run(
-        [sys.executable, TOOL, "--draft", draft, "--target-model", engine["llama_dir"],
-         "--prompts", str(prompts), "--num-prompts", "2", "--max-new-tokens", "16",
-         "--temperature", "0", "--seed", "3", "--metrics-jsonl", str(log), "--json", str(out),
-         "--no-progress", "--threads", "1"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
+    proc = launch(TOOL, "--draft", draft, "--target-model", engine["llama_dir"], "--prompts", prompts,
+                  "--num-prompts", "2", "--max-new-tokens", "16", "--temperature", "0", "--seed", "3",
+                  "--metrics-jsonl", log, "--json", out, "--no-progress", "--threads", "1", timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for text in ("acceptance length tau (measured)", "tokens/s speculative", "tokens/s target only",
                  "speed-up", "confidence ECE (20 bins)", "per-position acceptance",

@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash tools/install.sh --with-sglang
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 export MEGASPARK_REQUIRE_SGLANG=1
-exec python -m pytest tests -q -ra "$@"
+exec python -m pytest tests -q -ra --durations=30 "$@"
