@@ -124,26 +124,35 @@ class _Zygote:
         self.proc = None
 
     def _start(self):
+        import queue
+        import threading
+
         from tests.zygote import ANSWER
 
         self.proc = subprocess.Popen(
             [sys.executable, str(REPO / "tests" / "zygote.py")], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1, cwd=REPO,
             env=dict(os.environ, OMP_NUM_THREADS="1"))
+        self.lines = queue.Queue()
+
+        def pump(stream, lines):
+            for line in stream:
+                lines.put(line)
+            lines.put(None)  # the process closed its stdout
+
+        threading.Thread(target=pump, args=(self.proc.stdout, self.lines), daemon=True).start()
         self._read(ANSWER, timeout=300)
 
     def _read(self, prefix: str, timeout: float) -> dict:
-        import select
+        import queue
 
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 1.0)
-            if not ready:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            line = self.proc.stdout.readline()
-            if not line:
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line is None:
                 break
             if line.startswith(prefix):
                 return json.loads(line[len(prefix):])
