@@ -181,7 +181,34 @@ class _Zygote:
             self.proc = None
 
 
-_ZYGOTE = _Zygote()
+class _ZygotePool:
+    """Warm launcher processes for the session: one per launch in flight (tests that start two
+    runs from threads get a second process, started once and then reused)."""
+
+    def __init__(self):
+        import threading
+
+        self.lock = threading.Lock()
+        self.idle, self.all = [], []
+
+    def launch(self, *args, **kwargs):
+        with self.lock:
+            zygote = self.idle.pop() if self.idle else None
+            if zygote is None:
+                zygote = _Zygote()
+                self.all.append(zygote)
+        try:
+            return zygote.launch(*args, **kwargs)
+        finally:
+            with self.lock:
+                self.idle.append(zygote)
+
+    def close(self):
+        for zygote in self.all:
+            zygote.close()
+
+
+_ZYGOTE = _ZygotePool()
 atexit.register(_ZYGOTE.close)
 
 

@@ -5,6 +5,7 @@ the test, and a plain script keeps its exit code."""
 from __future__ import annotations
 
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -54,4 +55,7 @@ def test_plain_script_exit_code_output_and_time_out(tmp_path):
     assert launch(script, "0").returncode == 0
     with pytest.raises(subprocess.TimeoutExpired):
         launch(script, "sleep", timeout=3)
+    with ThreadPoolExecutor(3) as pool:  # launches in flight together (each its own process)
+        codes = list(pool.map(lambda c: launch(script, str(c)).returncode, [5, 6, 7]))
+    assert codes == [5, 6, 7]
     assert launch(script, "4").returncode == 4  # the launcher still serves after a time-out
