@@ -108,6 +108,10 @@ def _launch(req: dict):
         pid = os.fork()
         if pid == 0:
             return req, rank
+        try:
+            os.setpgid(pid, pid)  # as the child does: its group exists before any kill
+        except OSError:  # the child got there first (or has exited)
+            pass
         pids[pid] = rank
     deadline = time.monotonic() + float(req["timeout"])
     codes, failed_at, timed_out = {}, None, False
