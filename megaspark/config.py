@@ -93,7 +93,6 @@ class AttentionShape:
             scale = scale * m * m
         return scale
 
-
     def validate_attention(self, tp: int) -> None:
         """The attention and tensor-parallel rules every draft config shares (DSpark's and
         Eagle3's fields ``num_attention_heads``, ``num_query_groups``, ``ffn_hidden_size`` and
